@@ -1,0 +1,193 @@
+//! The backend enum: which server hosts the model.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::VlmError;
+
+/// The servers ImageWorks VLM can talk to.
+///
+/// This enum always knows every backend, whichever cargo features are enabled: only the clients
+/// are feature-gated (in `vlm-factory`), so a configuration naming a backend that is not compiled
+/// in gets a precise error instead of "unknown backend".
+///
+/// ```
+/// use vlm_core::VlmBackend;
+///
+/// assert_eq!("vllm".parse::<VlmBackend>().unwrap(), VlmBackend::Vllm);
+/// assert_eq!("LMDeploy".parse::<VlmBackend>().unwrap(), VlmBackend::LmDeploy);
+/// let err = "lmdepoy".parse::<VlmBackend>().unwrap_err();
+/// assert!(err.to_string().contains("did you mean \"lmdeploy\""));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[non_exhaustive]
+pub enum VlmBackend {
+    /// vLLM's OpenAI-compatible server (`vllm serve`).
+    #[default]
+    Vllm,
+    /// LMDeploy's `api_server` (OpenAI-compatible).
+    LmDeploy,
+    /// Triton Inference Server (KServe v2 protocol), e.g. with TensorRT-LLM.
+    Triton,
+}
+
+impl VlmBackend {
+    /// Every backend, in the order they are documented.
+    pub const ALL: [VlmBackend; 3] = [VlmBackend::Vllm, VlmBackend::LmDeploy, VlmBackend::Triton];
+
+    /// The name used in configuration (`vllm`, `lmdeploy`, `triton`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            VlmBackend::Vllm => "vllm",
+            VlmBackend::LmDeploy => "lmdeploy",
+            VlmBackend::Triton => "triton",
+        }
+    }
+
+    /// The cargo feature of `vlm-factory` (and `vlm-cli`) that compiles this backend's client in.
+    pub const fn cargo_feature(self) -> &'static str {
+        self.as_str()
+    }
+
+    /// The URL the server listens on when started with its defaults.
+    pub const fn default_base_url(self) -> &'static str {
+        match self {
+            VlmBackend::Vllm => "http://localhost:8000/v1",
+            VlmBackend::LmDeploy => "http://localhost:23333/v1",
+            VlmBackend::Triton => "http://localhost:8000",
+        }
+    }
+
+    /// Whether the backend speaks OpenAI chat completions under a `/v1` base URL.
+    pub const fn is_openai_compatible(self) -> bool {
+        matches!(self, VlmBackend::Vllm | VlmBackend::LmDeploy)
+    }
+
+    /// The command that starts this server on `port`, for error messages and docs.
+    pub fn start_command(self, port: u16) -> String {
+        match self {
+            VlmBackend::Vllm => format!("vllm serve <model> --port {port}"),
+            VlmBackend::LmDeploy => {
+                format!("lmdeploy serve api_server <model> --server-port {port}")
+            }
+            VlmBackend::Triton => {
+                format!("tritonserver --model-repository <dir> --http-port {port}")
+            }
+        }
+    }
+
+    /// The valid names, comma separated, for messages.
+    pub fn valid_names() -> String {
+        Self::ALL.map(|b| b.as_str()).join(", ")
+    }
+
+    /// The closest valid name to `input`, if it is close enough to be a likely typo.
+    pub fn closest(input: &str) -> Option<VlmBackend> {
+        let input = input.trim().to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .map(|b| (edit_distance(&input, b.as_str()), b))
+            .filter(|(d, b)| *d <= 1.max(b.as_str().len() / 3))
+            .min_by_key(|(d, _)| *d)
+            .map(|(_, b)| b)
+    }
+}
+
+impl fmt::Display for VlmBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for VlmBackend {
+    type Err = VlmError;
+
+    /// Parses a backend name, case-insensitively. Aliases: `vllm`, `lmdeploy`/`lm-deploy`/
+    /// `lm_deploy`, `triton`/`tritonserver`/`trtllm`/`tensorrt-llm`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let norm = s.trim().to_ascii_lowercase();
+        match norm.as_str() {
+            "vllm" => Ok(VlmBackend::Vllm),
+            "lmdeploy" | "lm-deploy" | "lm_deploy" => Ok(VlmBackend::LmDeploy),
+            "triton" | "tritonserver" | "trtllm" | "tensorrt-llm" | "tensorrt_llm" => {
+                Ok(VlmBackend::Triton)
+            }
+            _ => Err(VlmError::unknown_backend(s, None)),
+        }
+    }
+}
+
+/// Levenshtein distance, for "did you mean" suggestions.
+pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, ca) in a.chars().enumerate() {
+        cur[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j + 1] + 1).min(cur[j] + 1).min(prev[j] + cost);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_and_aliases_case_insensitively() {
+        let cases = [
+            ("vllm", VlmBackend::Vllm),
+            ("VLLM", VlmBackend::Vllm),
+            (" lmdeploy ", VlmBackend::LmDeploy),
+            ("LmDeploy", VlmBackend::LmDeploy),
+            ("lm-deploy", VlmBackend::LmDeploy),
+            ("triton", VlmBackend::Triton),
+            ("TensorRT-LLM", VlmBackend::Triton),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                input.parse::<VlmBackend>().ok(),
+                Some(want),
+                "input {input:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for b in VlmBackend::ALL {
+            assert_eq!(b.to_string().parse::<VlmBackend>().ok(), Some(b));
+        }
+    }
+
+    #[test]
+    fn unknown_names_suggest_the_closest_and_list_all() {
+        let cases = [
+            ("lmdepoy", Some("lmdeploy")),
+            ("vlm", Some("vllm")),
+            ("triten", Some("triton")),
+            ("ollama", None),
+            ("", None),
+        ];
+        for (input, suggestion) in cases {
+            let msg = input.parse::<VlmBackend>().unwrap_err().to_string();
+            assert!(msg.contains(&format!("{input:?}")), "{msg}");
+            assert!(msg.contains("vllm, lmdeploy, triton"), "{msg}");
+            match suggestion {
+                Some(s) => assert!(msg.contains(&format!("did you mean \"{s}\"")), "{msg}"),
+                None => assert!(!msg.contains("did you mean"), "{msg}"),
+            }
+        }
+    }
+
+    #[test]
+    fn edit_distance_is_levenshtein() {
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("vllm", "vllm"), 0);
+    }
+}

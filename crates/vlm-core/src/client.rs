@@ -1,0 +1,392 @@
+//! The `VlmClient` trait every backend implements, and the configuration clients are built from.
+
+use std::fmt;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use url::Url;
+
+use crate::backend::VlmBackend;
+use crate::error::VlmError;
+use crate::health::{HealthReport, HealthState};
+use crate::request::VlmRequest;
+use crate::response::VlmResponse;
+
+/// One interface to a vision-language model, whichever server hosts it.
+///
+/// Get one from `vlm_factory::build_client` (chosen by configuration) or build a backend's
+/// client directly. Implementations are cheap to share (`Arc<dyn VlmClient>`) and reuse one
+/// connection pool.
+///
+/// ```no_run
+/// use vlm_core::{ImageInput, VlmClient, VlmRequest};
+///
+/// async fn narrate(client: &dyn VlmClient) -> Result<String, vlm_core::VlmError> {
+///     let report = client.health().await?;
+///     if !report.is_ready() {
+///         eprintln!("{report}");
+///     }
+///     let request = VlmRequest::builder("Describe the colours in this photograph.")
+///         .image(ImageInput::path("photo.jpg"))
+///         .max_tokens(200)
+///         .build()?;
+///     let answer = client.infer_single(&request).await?;
+///     println!("🤖 VLM: {}/{}", client.backend(), client.model());
+///     Ok(answer.text)
+/// }
+/// ```
+#[async_trait]
+pub trait VlmClient: Send + Sync + fmt::Debug {
+    /// Which server this client talks to.
+    fn backend(&self) -> VlmBackend;
+
+    /// The model requests go to: the configured one, or the one [`health`](Self::health)
+    /// adopted because the server serves only it; empty while unknown.
+    fn model(&self) -> &str;
+
+    /// The base URL (`http://host:port/v1` for OpenAI-compatible servers, the root for Triton).
+    fn base_url(&self) -> &Url;
+
+    /// Checks the server and says why it is or is not ready.
+    ///
+    /// A server that does not answer is `Ok` with [`HealthState::Unreachable`]; `Err` is kept for
+    /// what a retry cannot fix, such as several served models and none configured.
+    async fn health(&self) -> Result<HealthReport, VlmError>;
+
+    /// Whether the server is ready (any error counts as not ready).
+    async fn health_check(&self) -> bool {
+        self.health().await.map(|r| r.is_ready()).unwrap_or(false)
+    }
+
+    /// Polls [`health`](Self::health) with backoff (0.25 s doubling to 2 s) while the server is
+    /// starting or unreachable, until it is ready, clearly unhealthy, or `deadline` has passed;
+    /// returns the last report.
+    async fn wait_ready(&self, deadline: Duration) -> Result<HealthReport, VlmError> {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(250);
+        loop {
+            let report = self.health().await?;
+            let waiting = matches!(
+                report.state,
+                HealthState::Starting { .. } | HealthState::Unreachable { .. }
+            );
+            let left = deadline.saturating_sub(start.elapsed());
+            if !waiting || left.is_zero() {
+                return Ok(report);
+            }
+            tracing::debug!(
+                state = report.state.label(),
+                "server not ready yet; waiting"
+            );
+            tokio::time::sleep(delay.min(left)).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Sends one request and waits for the whole answer.
+    async fn infer_single(&self, request: &VlmRequest) -> Result<VlmResponse, VlmError>;
+}
+
+/// An API key. Its `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wraps a key.
+    pub fn new(key: impl Into<String>) -> Self {
+        ApiKey(key.into())
+    }
+
+    /// The key itself, for the `Authorization` header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(***)")
+    }
+}
+
+impl fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The settings every client is built from; `vlm-factory` fills it from configuration.
+///
+/// ```
+/// use std::time::Duration;
+/// use vlm_core::{ClientConfig, VlmBackend};
+///
+/// let config = ClientConfig::new(VlmBackend::LmDeploy, "http://gpu-box:23333")
+///     .unwrap()
+///     .with_model("Qwen2.5-VL-7B-AWQ")
+///     .with_timeout(Duration::from_secs(60));
+/// assert_eq!(config.base_url.as_str(), "http://gpu-box:23333/v1/");
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// The backend this configuration is for.
+    pub backend: VlmBackend,
+    /// The normalised base URL (see [`normalize_base_url`]).
+    pub base_url: Url,
+    /// The model; discovered from the server when `None`.
+    pub model: Option<String>,
+    /// Sent as `Authorization: Bearer <key>`.
+    pub api_key: Option<ApiKey>,
+    /// Per-attempt timeout of an inference request (`vlm_timeout`).
+    pub timeout: Duration,
+    /// Timeout of establishing a connection (`vlm_connect_timeout`).
+    pub connect_timeout: Duration,
+    /// Timeout of each health probe.
+    pub health_timeout: Duration,
+    /// How many times a failed request may be retried (`vlm_max_retries`).
+    pub max_retries: u32,
+    /// The largest image accepted (`vlm_max_image_bytes`).
+    pub max_image_bytes: u64,
+}
+
+impl ClientConfig {
+    /// Default per-attempt inference timeout (`vlm_timeout`).
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+    /// Default connect timeout (`vlm_connect_timeout`).
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Default health-probe timeout.
+    pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default retries (`vlm_max_retries`).
+    pub const DEFAULT_MAX_RETRIES: u32 = 2;
+    /// Default image size limit (`vlm_max_image_bytes`): 32 MiB.
+    pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 32 * 1024 * 1024;
+
+    /// A configuration with defaults for everything but the backend and URL (normalised).
+    pub fn new(backend: VlmBackend, base_url: &str) -> Result<Self, VlmError> {
+        Ok(ClientConfig {
+            backend,
+            base_url: normalize_base_url(backend, base_url)?,
+            model: None,
+            api_key: None,
+            timeout: Self::DEFAULT_TIMEOUT,
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            health_timeout: Self::DEFAULT_HEALTH_TIMEOUT,
+            max_retries: Self::DEFAULT_MAX_RETRIES,
+            max_image_bytes: Self::DEFAULT_MAX_IMAGE_BYTES,
+        })
+    }
+
+    /// The backend's default URL.
+    pub fn default_for(backend: VlmBackend) -> Result<Self, VlmError> {
+        Self::new(backend, backend.default_base_url())
+    }
+
+    /// Sets the model (an empty name means "discover it").
+    pub fn with_model(mut self, model: impl Into<String>) -> Self {
+        let model = model.into();
+        self.model = (!model.trim().is_empty()).then(|| model.trim().to_owned());
+        self
+    }
+
+    /// Sets the API key (an empty key means none).
+    pub fn with_api_key(mut self, key: impl Into<String>) -> Self {
+        let key = key.into();
+        self.api_key = (!key.is_empty()).then(|| ApiKey::new(key));
+        self
+    }
+
+    /// Sets the per-attempt inference timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sets the connect timeout.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the health-probe timeout.
+    pub fn with_health_timeout(mut self, timeout: Duration) -> Self {
+        self.health_timeout = timeout;
+        self
+    }
+
+    /// Sets how many times a failed request may be retried.
+    pub fn with_max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// Sets the image size limit.
+    pub fn with_max_image_bytes(mut self, n: u64) -> Self {
+        self.max_image_bytes = n;
+        self
+    }
+}
+
+/// Normalises a base URL once, so joining paths is never surprising.
+///
+/// OpenAI-compatible backends get `/v1` when the path is empty and always a trailing `/`
+/// (`Url::join("chat/completions")` on `http://h/v1` would drop `v1`); Triton is stripped to the
+/// root. A URL without a scheme gets `http://`.
+///
+/// ```
+/// use vlm_core::{normalize_base_url, VlmBackend};
+///
+/// let vllm = |s| normalize_base_url(VlmBackend::Vllm, s).unwrap().to_string();
+/// assert_eq!(vllm("localhost:8000"), "http://localhost:8000/v1/");
+/// assert_eq!(vllm("http://localhost:8000/"), "http://localhost:8000/v1/");
+/// assert_eq!(vllm("http://localhost:8000/v1"), "http://localhost:8000/v1/");
+/// let triton = normalize_base_url(VlmBackend::Triton, "http://h:9000/v1/").unwrap();
+/// assert_eq!(triton.as_str(), "http://h:9000/");
+/// ```
+pub fn normalize_base_url(backend: VlmBackend, input: &str) -> Result<Url, VlmError> {
+    let trimmed = input.trim();
+    let bad = |why: &str| {
+        VlmError::config(format!(
+            "invalid base URL {trimmed:?} for {backend}: {why}; use a URL such as {}",
+            backend.default_base_url()
+        ))
+    };
+    if trimmed.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    let with_scheme = if trimmed.contains("://") {
+        trimmed.to_owned()
+    } else {
+        format!("http://{trimmed}")
+    };
+    let mut url = Url::parse(&with_scheme).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("the scheme must be http or https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad("it has no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("it must not have a query or fragment"));
+    }
+    if backend.is_openai_compatible() {
+        let path = url.path().trim_end_matches('/').to_owned();
+        if path.is_empty() {
+            url.set_path("/v1/");
+        } else {
+            url.set_path(&format!("{path}/"));
+        }
+    } else {
+        url.set_path("/");
+    }
+    Ok(url)
+}
+
+/// The server root of a base URL (`http://h:p/v1/` → `http://h:p/`): health and version routes
+/// live there, not under `/v1`.
+pub fn server_root(base_url: &Url) -> Url {
+    let mut root = base_url.clone();
+    root.set_path("/");
+    root
+}
+
+/// Holds the model: configured, or adopted once from the server.
+#[derive(Debug, Default)]
+pub struct ModelSlot {
+    configured: Option<String>,
+    discovered: OnceLock<String>,
+}
+
+impl ModelSlot {
+    /// A slot with the configured model, if any.
+    pub fn new(configured: Option<String>) -> Self {
+        ModelSlot {
+            configured,
+            discovered: OnceLock::new(),
+        }
+    }
+
+    /// The model, or `""` while unknown.
+    pub fn get(&self) -> &str {
+        self.configured
+            .as_deref()
+            .or_else(|| self.discovered.get().map(String::as_str))
+            .unwrap_or("")
+    }
+
+    /// The configured model, if one was configured.
+    pub fn configured(&self) -> Option<&str> {
+        self.configured.as_deref()
+    }
+
+    /// Whether a model is known.
+    pub fn is_known(&self) -> bool {
+        !self.get().is_empty()
+    }
+
+    /// Adopts a discovered model (the first adoption wins).
+    pub fn adopt(&self, model: &str) -> &str {
+        if self.configured.is_none() {
+            let _ = self.discovered.set(model.to_owned());
+        }
+        self.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls_are_normalised_per_backend() {
+        let cases = [
+            (VlmBackend::Vllm, "h:8000", "http://h:8000/v1/"),
+            (VlmBackend::Vllm, "h:8000/", "http://h:8000/v1/"),
+            (VlmBackend::Vllm, "h:8000/v1", "http://h:8000/v1/"),
+            (VlmBackend::Vllm, "h:8000/v1/", "http://h:8000/v1/"),
+            (
+                VlmBackend::LmDeploy,
+                "https://proxy/lmdeploy/v1",
+                "https://proxy/lmdeploy/v1/",
+            ),
+            (VlmBackend::Triton, "h:8000", "http://h:8000/"),
+            (VlmBackend::Triton, "h:8000/v1", "http://h:8000/"),
+            (VlmBackend::Triton, "h:8000/v1/", "http://h:8000/"),
+        ];
+        for (backend, input, want) in cases {
+            let got = normalize_base_url(backend, input).map(|u| u.to_string());
+            assert_eq!(got.ok().as_deref(), Some(want), "{backend} {input}");
+        }
+        for bad in [
+            "",
+            "ftp://h/v1",
+            "http://",
+            "http://h:8000/v1?x=1",
+            "http://h:99999",
+        ] {
+            let err = normalize_base_url(VlmBackend::Vllm, bad).unwrap_err();
+            assert!(err.is_config(), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn api_key_never_prints() {
+        let key = ApiKey::new("sk-secret");
+        assert_eq!(format!("{key:?} {key}"), "ApiKey(***) ***");
+        let config = ClientConfig::default_for(VlmBackend::Vllm)
+            .unwrap()
+            .with_api_key("sk-secret");
+        assert!(!format!("{config:?}").contains("sk-secret"));
+    }
+
+    #[test]
+    fn model_slot_adopts_only_when_unconfigured() {
+        let slot = ModelSlot::new(None);
+        assert_eq!(slot.get(), "");
+        assert_eq!(slot.adopt("a"), "a");
+        assert_eq!(slot.adopt("b"), "a");
+        let slot = ModelSlot::new(Some("x".into()));
+        assert_eq!(slot.adopt("a"), "x");
+    }
+}

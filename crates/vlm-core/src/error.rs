@@ -1,0 +1,257 @@
+//! `VlmError`: every way a VLM call can fail, each message saying what to do next.
+
+use std::time::Duration;
+
+use crate::backend::VlmBackend;
+
+/// An error from configuring a client, talking to a server, or preparing a request.
+///
+/// Messages follow the Rust API guidelines: lower-case, no trailing period, the value and where it
+/// came from, and for configuration and connection errors what to do next. Match on the variant or
+/// use the predicates ([`is_retryable`](Self::is_retryable), [`status`](Self::status)), never on
+/// the message text. No variant ever holds an API key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VlmError {
+    /// The configuration is invalid: an unknown backend, a bad URL or timeout, a colliding
+    /// `extra` key, an ambiguous model.
+    #[error("{message}")]
+    Config {
+        /// What is wrong, where the value came from and how to fix it.
+        message: String,
+    },
+
+    /// The backend is valid but its client was not compiled in.
+    #[error(
+        "backend \"{backend}\" is not compiled into this build; rebuild with `--features {feature}` \
+         (compiled in: {compiled})"
+    )]
+    BackendNotCompiled {
+        /// The backend asked for.
+        backend: VlmBackend,
+        /// The cargo feature that compiles it in.
+        feature: &'static str,
+        /// The backends this build does have, comma separated (or "none").
+        compiled: String,
+    },
+
+    /// The server could not be reached (connection refused, DNS failure).
+    #[error(
+        "cannot reach the {backend} server at {url}: {reason}; if it is still loading the model, \
+         wait for it (`--wait SECONDS`); otherwise start it with `{start_command}` or point \
+         `--vlm-base-url` at the right host and port"
+    )]
+    Unreachable {
+        /// The backend that was being called.
+        backend: VlmBackend,
+        /// The URL that was being called.
+        url: String,
+        /// The transport's own description.
+        reason: String,
+        /// The command that starts that server on that port.
+        start_command: String,
+    },
+
+    /// No answer within the timeout.
+    #[error(
+        "no answer from the {backend} server at {url} within {:.1} s; raise `--vlm-timeout` \
+         (vlm_timeout) or check the server's load", after.as_secs_f64()
+    )]
+    Timeout {
+        /// The backend that was being called.
+        backend: VlmBackend,
+        /// The URL that was being called.
+        url: String,
+        /// How long the client waited.
+        after: Duration,
+    },
+
+    /// The server answered with an HTTP error status.
+    #[error("HTTP {status} from the {backend} server at {url}: {message}{}", advice_for(*status))]
+    Http {
+        /// The backend that was being called.
+        backend: VlmBackend,
+        /// The URL that was being called.
+        url: String,
+        /// The HTTP status code.
+        status: u16,
+        /// The server's own message, decoded from whichever error body shape it used.
+        message: String,
+        /// The server's error type, when it gave one (e.g. `NotFoundError`).
+        kind: Option<String>,
+    },
+
+    /// The server reported an error inside a successful HTTP response, such as LMDeploy
+    /// <= 0.15's HTTP 200 with `finish_reason: "error"`.
+    #[error("the {backend} server reported an error while generating: {message}")]
+    Generation {
+        /// The backend that was being called.
+        backend: VlmBackend,
+        /// The server's message.
+        message: String,
+    },
+
+    /// The response is not what the protocol promises.
+    #[error("unexpected response from the {backend} server at {url}: {message}")]
+    Protocol {
+        /// The backend that was being called.
+        backend: VlmBackend,
+        /// The URL that was being called.
+        url: String,
+        /// What was wrong: status, content type, the first bytes of the body.
+        message: String,
+    },
+
+    /// An image could not be read or is not a supported type.
+    #[error("image {source_name}: {message}")]
+    Image {
+        /// The path, or a description of the in-memory source.
+        source_name: String,
+        /// What was wrong and what was found.
+        message: String,
+    },
+
+    /// The operation is not supported by this backend (yet).
+    #[error("{message}")]
+    Unsupported {
+        /// The backend.
+        backend: VlmBackend,
+        /// What works today and how to switch.
+        message: String,
+    },
+
+    /// Any other transport failure (TLS, a body cut short, a redirect loop).
+    #[error("request to the {backend} server at {url} failed: {reason}")]
+    Transport {
+        /// The backend that was being called.
+        backend: VlmBackend,
+        /// The URL that was being called.
+        url: String,
+        /// The transport's own description.
+        reason: String,
+    },
+}
+
+fn advice_for(status: u16) -> &'static str {
+    match status {
+        401 | 403 => {
+            "; set the API key the server expects (VLM_API_KEY, or vlm_<backend>_api_key in the \
+             configuration)"
+        }
+        404 => "; check the model name (`vlm health` lists the served models) and the base URL",
+        413 => "; the request is too large for the server: send fewer or smaller images",
+        429 => "; the server is rate-limiting: lower the concurrency or retry later",
+        _ => "",
+    }
+}
+
+impl VlmError {
+    /// A configuration error with the given message.
+    pub fn config(message: impl Into<String>) -> Self {
+        VlmError::Config {
+            message: message.into(),
+        }
+    }
+
+    /// The error for a backend name that is not known, with the closest valid name.
+    ///
+    /// `source` says where the value came from (e.g. `VLM_BACKEND`, `--vlm-backend`).
+    pub fn unknown_backend(value: &str, source: Option<&str>) -> Self {
+        let from = source.map(|s| format!(" (from {s})")).unwrap_or_default();
+        let suggestion = VlmBackend::closest(value)
+            .map(|b| format!("; did you mean \"{b}\"?"))
+            .unwrap_or_else(|| ";".to_owned());
+        VlmError::config(format!(
+            "unknown vlm_backend {value:?}{from}{suggestion} valid: {}",
+            VlmBackend::valid_names()
+        ))
+    }
+
+    /// The HTTP status, for [`Http`](Self::Http) errors.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            VlmError::Http { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Whether trying the same request again later may succeed: connection failures, timeouts,
+    /// 408, 429 and 5xx gateway/overload statuses. Never configuration, image or other 4xx errors.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            VlmError::Unreachable { .. } | VlmError::Timeout { .. } => true,
+            VlmError::Http { status, .. } => {
+                matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
+            }
+            VlmError::Transport { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether this is a timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, VlmError::Timeout { .. })
+    }
+
+    /// Whether the server could not be reached at all.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, VlmError::Unreachable { .. })
+    }
+
+    /// Whether this is a configuration error (including a backend not compiled in).
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            VlmError::Config { .. } | VlmError::BackendNotCompiled { .. }
+        )
+    }
+
+    /// Whether the backend does not support the operation.
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, VlmError::Unsupported { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(status: u16) -> VlmError {
+        VlmError::Http {
+            backend: VlmBackend::Vllm,
+            url: "http://127.0.0.1:1/v1/chat/completions".into(),
+            status,
+            message: "boom".into(),
+            kind: None,
+        }
+    }
+
+    #[test]
+    fn retryable_statuses_follow_the_openai_contract() {
+        for (status, retry) in [
+            (400, false),
+            (401, false),
+            (404, false),
+            (408, true),
+            (409, false),
+            (422, false),
+            (429, true),
+            (500, true),
+            (501, false),
+            (502, true),
+            (503, true),
+            (504, true),
+        ] {
+            assert_eq!(http(status).is_retryable(), retry, "status {status}");
+            assert_eq!(http(status).status(), Some(status));
+        }
+        assert!(!VlmError::config("x").is_retryable());
+    }
+
+    #[test]
+    fn http_401_says_to_set_the_api_key() {
+        let msg = http(401).to_string();
+        assert!(msg.contains("VLM_API_KEY"), "{msg}");
+        assert!(msg.starts_with("HTTP 401 from the vllm server"), "{msg}");
+    }
+}

@@ -1,0 +1,610 @@
+//! The OpenAI chat-completions protocol: the one payload builder, response parsing, model lists
+//! and the decoding of every error-body shape vLLM, LMDeploy, Triton and proxies send.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::Simd;
+use base64::engine::general_purpose::PAD;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::backend::VlmBackend;
+use crate::client::ModelSlot;
+use crate::error::VlmError;
+use crate::health::{HealthProbe, HealthReport, HealthState};
+use crate::image::LoadedImage;
+use crate::request::VlmRequest;
+use crate::response::{Usage, VlmResponse};
+use crate::text::body_snippet;
+use crate::transport::{Auth, RawResponse, Transport};
+
+fn engine() -> &'static Simd {
+    // Built once: runtime CPU detection picks AVX2/NEON, else the scalar engine.
+    static ENGINE: OnceLock<Simd> = OnceLock::new();
+    ENGINE.get_or_init(|| Simd::standard(PAD))
+}
+
+/// Options of the payload that depend on the backend, not the request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PayloadOptions<'a> {
+    /// The `model` field; omitted when `None` (vLLM then uses its first served model).
+    pub model: Option<&'a str>,
+    /// Sets `"stream": true` and `stream_options.include_usage`; `stream_options` is never
+    /// sent otherwise (vLLM answers 400 to `stream_options` without `stream`).
+    pub stream: bool,
+}
+
+/// Writes the chat-completions JSON body for `request` with its `images` already loaded.
+///
+/// This is the only place that writes the payload: one optional system message, then one user
+/// message whose content is the text part followed by one `image_url` part per image, each a
+/// `data:<mime>;base64,<...>` URL encoded straight into the pre-sized buffer (the base64 alphabet
+/// needs no JSON escaping), then the sampling parameters and the `extra` fields at the top level.
+///
+/// ```
+/// use vlm_core::openai::{build_chat_body, PayloadOptions};
+/// use vlm_core::{ImageMime, LoadedImage, VlmRequest};
+///
+/// let request = VlmRequest::builder("What colour is it?").max_tokens(50).build().unwrap();
+/// let image = LoadedImage::Inline { data: b"GIF89a".to_vec().into(), mime: ImageMime::Gif };
+/// let body = build_chat_body(&request, &[image], PayloadOptions { model: Some("m"), stream: false })
+///     .unwrap();
+/// let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+/// assert_eq!(json["messages"][0]["content"][1]["image_url"]["url"], "data:image/gif;base64,R0lGODlh");
+/// ```
+pub fn build_chat_body(
+    request: &VlmRequest,
+    images: &[LoadedImage],
+    options: PayloadOptions<'_>,
+) -> Result<Vec<u8>, VlmError> {
+    request.validate()?;
+    let encoded_images: usize = images
+        .iter()
+        .map(|img| match img {
+            LoadedImage::Inline { data, .. } => {
+                base64::encoded_len(data.len(), true).unwrap_or(0) + 96
+            }
+            LoadedImage::Url(u) => u.len() + 96,
+        })
+        .sum();
+    let text_len = request.prompt.len() + request.system_prompt.as_ref().map_or(0, String::len);
+    let mut out: Vec<u8> = Vec::with_capacity(encoded_images + text_len + text_len / 8 + 256);
+
+    out.push(b'{');
+    if let Some(model) = options.model {
+        out.extend_from_slice(b"\"model\":");
+        write_json_str(&mut out, model);
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"messages\":[");
+    if let Some(system) = &request.system_prompt {
+        out.extend_from_slice(b"{\"role\":\"system\",\"content\":");
+        write_json_str(&mut out, system);
+        out.extend_from_slice(b"},");
+    }
+    out.extend_from_slice(b"{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":");
+    write_json_str(&mut out, &request.prompt);
+    out.push(b'}');
+    for image in images {
+        out.extend_from_slice(b",{\"type\":\"image_url\",\"image_url\":{\"url\":");
+        match image {
+            LoadedImage::Inline { data, mime } => {
+                out.extend_from_slice(b"\"data:");
+                out.extend_from_slice(mime.as_str().as_bytes());
+                out.extend_from_slice(b";base64,");
+                let start = out.len();
+                let len = base64::encoded_len(data.len(), true).ok_or_else(|| VlmError::Image {
+                    source_name: "<request>".into(),
+                    message: "too large to encode".into(),
+                })?;
+                out.resize(start + len, 0);
+                engine()
+                    .encode_slice(data, &mut out[start..])
+                    .map_err(|e| VlmError::Image {
+                        source_name: "<request>".into(),
+                        message: format!("base64 encoding failed: {e}"),
+                    })?;
+                out.push(b'"');
+            }
+            LoadedImage::Url(url) => write_json_str(&mut out, url),
+        }
+        out.extend_from_slice(b"}}");
+    }
+    out.extend_from_slice(b"]}]");
+
+    if let Some(n) = request.max_tokens {
+        write_field(&mut out, "max_tokens", &n)?;
+    }
+    if let Some(t) = request.temperature {
+        write_field(&mut out, "temperature", &t)?;
+    }
+    if let Some(p) = request.top_p {
+        write_field(&mut out, "top_p", &p)?;
+    }
+    if !request.stop.is_empty() {
+        write_field(&mut out, "stop", &request.stop)?;
+    }
+    if let Some(seed) = request.seed {
+        write_field(&mut out, "seed", &seed)?;
+    }
+    if let Some(format) = &request.response_format {
+        write_field(&mut out, "response_format", &format.to_json())?;
+    }
+    if options.stream {
+        out.extend_from_slice(b",\"stream\":true,\"stream_options\":{\"include_usage\":true}");
+    }
+    for (key, value) in &request.extra {
+        out.push(b',');
+        write_json_str(&mut out, key);
+        out.push(b':');
+        serde_json::to_writer(&mut out, value).map_err(serialise_error)?;
+    }
+    out.push(b'}');
+    Ok(out)
+}
+
+fn serialise_error(e: serde_json::Error) -> VlmError {
+    VlmError::config(format!("cannot serialise a request field: {e}"))
+}
+
+fn write_field<T: serde::Serialize>(
+    out: &mut Vec<u8>,
+    key: &str,
+    value: &T,
+) -> Result<(), VlmError> {
+    out.push(b',');
+    write_json_str(out, key);
+    out.push(b':');
+    serde_json::to_writer(&mut *out, value).map_err(serialise_error)
+}
+
+/// Writes `s` as a JSON string literal, escaping once, copying runs that need no escape.
+pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if escape.is_empty() {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            out.extend_from_slice(escape);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// The message and type decoded from an error body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodedError {
+    /// The server's message (or a description of a body that had none).
+    pub message: String,
+    /// The server's error type, when given.
+    pub kind: Option<String>,
+}
+
+/// Decodes every error-body shape seen from these servers and the proxies in front of them:
+///
+/// - vLLM (current): `{"error":{"message","type","param","code"}}`
+/// - vLLM (old) and LMDeploy: `{"object":"error","message","type","param","code"}`
+/// - vLLM's auth middleware and Triton: `{"error":"Unauthorized"}` (a string)
+/// - FastAPI: `{"detail":"Not Found"}` or `{"detail":[{"loc","msg","type"}]}`
+/// - anything else (an HTML page from a proxy, plain text, nothing): the content type and the
+///   first bytes, so the status and what was said are never lost.
+///
+/// ```
+/// use vlm_core::openai::decode_error_body;
+///
+/// let nested = br#"{"error":{"message":"The model `x` does not exist.","type":"NotFoundError","param":"model","code":404}}"#;
+/// let d = decode_error_body(Some("application/json"), nested);
+/// assert_eq!(d.message, "The model `x` does not exist.");
+/// assert_eq!(d.kind.as_deref(), Some("NotFoundError"));
+///
+/// let html = b"<html><body><h1>502 Bad Gateway</h1></body></html>";
+/// let d = decode_error_body(Some("text/html"), html);
+/// assert!(d.message.contains("502 Bad Gateway"));
+/// ```
+pub fn decode_error_body(content_type: Option<&str>, body: &[u8]) -> DecodedError {
+    if let Ok(value) = serde_json::from_slice::<Value>(body)
+        && let Some(decoded) = decode_json_error(&value)
+    {
+        return decoded;
+    }
+    let ct = content_type.unwrap_or("no content type");
+    let message = if body.iter().all(u8::is_ascii_whitespace) {
+        format!("empty body ({ct})")
+    } else {
+        format!("non-JSON body ({ct}): {}", body_snippet(body, 200))
+    };
+    DecodedError {
+        message,
+        kind: None,
+    }
+}
+
+fn decode_json_error(value: &Value) -> Option<DecodedError> {
+    let obj = value.as_object()?;
+    let kind_of = |o: &serde_json::Map<String, Value>| {
+        o.get("type").and_then(Value::as_str).map(str::to_owned)
+    };
+    match obj.get("error") {
+        Some(Value::Object(inner)) => {
+            let message = inner
+                .get("message")
+                .map(value_text)
+                .unwrap_or_else(|| Value::Object(inner.clone()).to_string());
+            return Some(DecodedError {
+                message,
+                kind: kind_of(inner),
+            });
+        }
+        Some(Value::String(s)) => {
+            return Some(DecodedError {
+                message: s.clone(),
+                kind: None,
+            });
+        }
+        _ => {}
+    }
+    if let Some(message) = obj.get("message") {
+        return Some(DecodedError {
+            message: value_text(message),
+            kind: kind_of(obj),
+        });
+    }
+    if let Some(detail) = obj.get("detail") {
+        let message = match detail {
+            Value::Array(items) => items
+                .iter()
+                .map(|item| {
+                    let msg = item
+                        .get("msg")
+                        .map(value_text)
+                        .unwrap_or_else(|| item.to_string());
+                    match item.get("loc").and_then(Value::as_array) {
+                        Some(loc) => {
+                            let path: Vec<String> = loc.iter().map(value_text).collect();
+                            format!("{}: {msg}", path.join("."))
+                        }
+                        None => msg,
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            other => value_text(other),
+        };
+        return Some(DecodedError {
+            message,
+            kind: None,
+        });
+    }
+    None
+}
+
+fn value_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatCompletion {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    message: Option<ChoiceMessage>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceMessage {
+    #[serde(default)]
+    content: Option<String>,
+    /// vLLM's name for reasoning text.
+    #[serde(default)]
+    reasoning: Option<String>,
+    /// LMDeploy's (and older vLLM's) name for reasoning text.
+    #[serde(default)]
+    reasoning_content: Option<String>,
+}
+
+/// Parses a successful chat-completions response.
+///
+/// LMDeploy <= 0.15 reports engine errors as HTTP 200 with `finish_reason: "error"` and the
+/// message in the content: that is returned as [`VlmError::Generation`], never as a success.
+pub fn parse_chat_response(
+    backend: VlmBackend,
+    resp: &RawResponse,
+    requested_model: &str,
+    latency: Duration,
+) -> Result<VlmResponse, VlmError> {
+    let protocol = |message: String| VlmError::Protocol {
+        backend,
+        url: resp.url.to_string(),
+        message,
+    };
+    let completion: ChatCompletion = serde_json::from_slice(&resp.body).map_err(|e| {
+        protocol(format!(
+            "HTTP {} ({}) is not a chat completion ({e}): {}",
+            resp.status,
+            resp.content_type.as_deref().unwrap_or("no content type"),
+            body_snippet(&resp.body, 200)
+        ))
+    })?;
+    let Some(choice) = completion.choices.into_iter().next() else {
+        return Err(protocol("the completion has no choices".to_owned()));
+    };
+    let message = choice.message.unwrap_or(ChoiceMessage {
+        content: None,
+        reasoning: None,
+        reasoning_content: None,
+    });
+    let text = message.content.unwrap_or_default();
+    if choice.finish_reason.as_deref() == Some("error") {
+        let message = if text.trim().is_empty() {
+            "finish_reason \"error\" with no message; see the server's log".to_owned()
+        } else {
+            text
+        };
+        return Err(VlmError::Generation { backend, message });
+    }
+    Ok(VlmResponse {
+        text,
+        reasoning: message.reasoning.or(message.reasoning_content),
+        finish_reason: choice.finish_reason,
+        usage: completion.usage,
+        model: completion
+            .model
+            .unwrap_or_else(|| requested_model.to_owned()),
+        backend,
+        latency,
+    })
+}
+
+/// One entry of `GET /v1/models`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
+pub struct ServedModel {
+    /// The name to send as `model`.
+    pub id: String,
+    /// vLLM's context length, when given.
+    #[serde(default)]
+    pub max_model_len: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ModelList {
+    data: Vec<ServedModel>,
+}
+
+/// Parses a `GET /v1/models` body.
+pub fn parse_model_list(
+    backend: VlmBackend,
+    resp: &RawResponse,
+) -> Result<Vec<ServedModel>, VlmError> {
+    serde_json::from_slice::<ModelList>(&resp.body)
+        .map(|l| l.data)
+        .map_err(|e| VlmError::Protocol {
+            backend,
+            url: resp.url.to_string(),
+            message: format!(
+                "the model list is not {{\"data\":[{{\"id\":...}}]}} ({e}): {}",
+                body_snippet(&resp.body, 200)
+            ),
+        })
+}
+
+/// The part of a chat client that vLLM and LMDeploy share.
+#[derive(Debug, Clone)]
+pub struct OpenAiChat {
+    /// The transport.
+    pub transport: Transport,
+    /// The image size limit.
+    pub max_image_bytes: u64,
+}
+
+impl OpenAiChat {
+    /// Loads the images, builds the body, posts it and parses the answer.
+    pub async fn chat(
+        &self,
+        request: &VlmRequest,
+        model: Option<&str>,
+    ) -> Result<VlmResponse, VlmError> {
+        request.validate()?;
+        let mut images = Vec::with_capacity(request.images.len());
+        for image in &request.images {
+            images.push(image.load(self.max_image_bytes).await?);
+        }
+        let body = build_chat_body(
+            request,
+            &images,
+            PayloadOptions {
+                model,
+                stream: false,
+            },
+        )?;
+        drop(images);
+        let url = self.transport.endpoint("chat/completions");
+        let started = Instant::now();
+        let resp = self
+            .transport
+            .post_json(&url, body, self.transport.timeout)
+            .await?;
+        if !resp.is_success() {
+            return Err(self.transport.http_error(&resp));
+        }
+        parse_chat_response(
+            self.transport.backend(),
+            &resp,
+            model.unwrap_or(""),
+            started.elapsed(),
+        )
+    }
+
+    /// `GET /v1/models`, recorded as a probe.
+    pub async fn list_models(
+        &self,
+        probes: &mut Vec<HealthProbe>,
+    ) -> Result<Vec<ServedModel>, VlmError> {
+        let url = self.transport.endpoint("models");
+        let resp = self
+            .transport
+            .get(&url, Auth::Bearer, self.transport.health_timeout)
+            .await;
+        let route = format!("GET {}", url.path());
+        match resp {
+            Ok(resp) if resp.is_success() => {
+                let models = parse_model_list(self.transport.backend(), &resp)?;
+                let names: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+                probes.push(HealthProbe {
+                    route,
+                    status: Some(resp.status),
+                    note: format!("serves {}", names.join(", ")),
+                });
+                Ok(models)
+            }
+            Ok(resp) => {
+                let err = self.transport.http_error(&resp);
+                probes.push(HealthProbe {
+                    route,
+                    status: Some(resp.status),
+                    note: err_note(&err),
+                });
+                Err(err)
+            }
+            Err(err) => {
+                probes.push(HealthProbe {
+                    route,
+                    status: None,
+                    note: err_note(&err),
+                });
+                Err(err)
+            }
+        }
+    }
+
+    /// Completes a report whose liveness probe passed: lists the models, checks the configured
+    /// one is served (or adopts the only one), and sets the final state.
+    pub async fn check_models(
+        &self,
+        report: &mut HealthReport,
+        slot: &ModelSlot,
+    ) -> Result<(), VlmError> {
+        let models = match self.list_models(&mut report.probes).await {
+            Ok(models) => models,
+            Err(err) => {
+                report.state = state_for_error(&err, "the model list");
+                return Ok(());
+            }
+        };
+        report.served_models = models.iter().map(|m| m.id.clone()).collect();
+        resolve_model(report, slot)
+    }
+}
+
+/// Sets the report's model and state from its served models and the configured model.
+pub fn resolve_model(report: &mut HealthReport, slot: &ModelSlot) -> Result<(), VlmError> {
+    let served = &report.served_models;
+    match slot.configured() {
+        Some(model) => {
+            report.model = Some(model.to_owned());
+            if served.iter().any(|m| m == model) {
+                report.state = HealthState::Ready;
+            } else if served.is_empty() {
+                report.state = HealthState::Unhealthy {
+                    reason: format!("the server serves no model, so not {model:?}"),
+                };
+            } else {
+                report.state = HealthState::Unhealthy {
+                    reason: format!(
+                        "model {model:?} is not served; the server serves {}; set --vlm-model \
+                         (vlm_model / vlm_{}_model) to one of them",
+                        served.join(", "),
+                        report.backend
+                    ),
+                };
+            }
+        }
+        None => match served.as_slice() {
+            [only] => {
+                report.model = Some(slot.adopt(only).to_owned());
+                report.state = HealthState::Ready;
+            }
+            [] => {
+                report.state = HealthState::Unhealthy {
+                    reason: "the server serves no model".to_owned(),
+                };
+            }
+            several => {
+                return Err(VlmError::config(format!(
+                    "no model is configured and the {} server at {} serves several: {}; choose \
+                     one with --vlm-model (or vlm_model / vlm_{}_model)",
+                    report.backend,
+                    report.base_url,
+                    several.join(", "),
+                    report.backend
+                )));
+            }
+        },
+    }
+    Ok(())
+}
+
+/// A short note for a probe that failed.
+pub fn err_note(err: &VlmError) -> String {
+    match err {
+        VlmError::Http { message, .. } => message.clone(),
+        VlmError::Unreachable { reason, .. } | VlmError::Transport { reason, .. } => reason.clone(),
+        VlmError::Timeout { after, .. } => format!("no answer within {:.1} s", after.as_secs_f64()),
+        other => other.to_string(),
+    }
+}
+
+/// The health state a failed probe implies.
+pub fn state_for_error(err: &VlmError, what: &str) -> HealthState {
+    match err {
+        VlmError::Unreachable { .. } | VlmError::Timeout { .. } => HealthState::Unreachable {
+            reason: err.to_string(),
+        },
+        VlmError::Http { status: 503, .. } => HealthState::Starting {
+            reason: format!("{what} answered 503: {}", err_note(err)),
+        },
+        VlmError::Http {
+            status: 401 | 403, ..
+        } => HealthState::Unhealthy {
+            reason: err.to_string(),
+        },
+        _ => HealthState::Unhealthy {
+            reason: format!("{what} failed: {err}"),
+        },
+    }
+}

@@ -1,0 +1,303 @@
+//! The shared HTTP transport: one pooled `reqwest::Client`, timeouts, the bearer key, error
+//! mapping. The vLLM, LMDeploy and Triton clients are all built on it.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use url::Url;
+
+use crate::backend::VlmBackend;
+use crate::client::{ApiKey, ClientConfig, server_root};
+use crate::error::VlmError;
+use crate::openai;
+
+/// The largest response body read (a misbehaving proxy must not exhaust memory).
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// A response read whole.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    /// The URL requested.
+    pub url: Url,
+    /// The HTTP status.
+    pub status: u16,
+    /// The `Content-Type` header, if any.
+    pub content_type: Option<String>,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl RawResponse {
+    /// Whether the status is 2xx.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+/// Whether a request carries the API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    /// Send `Authorization: Bearer <key>` when a key is configured.
+    Bearer,
+    /// Never send the key (open routes such as `/health`).
+    None,
+}
+
+/// One pooled HTTP client bound to one server. Cheap to clone.
+#[derive(Clone)]
+pub struct Transport {
+    http: reqwest::Client,
+    backend: VlmBackend,
+    base_url: Url,
+    root: Url,
+    api_key: Option<ApiKey>,
+    /// Per-attempt timeout of inference requests.
+    pub timeout: Duration,
+    /// Timeout of each health probe.
+    pub health_timeout: Duration,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("backend", &self.backend)
+            .field("base_url", &self.base_url.as_str())
+            .field("api_key", &self.api_key)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Transport {
+    /// Builds the transport (and its connection pool) from a client configuration.
+    pub fn new(config: &ClientConfig) -> Result<Self, VlmError> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .user_agent(concat!("imageworks-vlm/", env!("CARGO_PKG_VERSION")));
+        if is_loopback(&config.base_url) {
+            // No proxy can reach this machine's loopback; an HTTP_PROXY set for the internet
+            // must not swallow requests to a local server.
+            builder = builder.no_proxy();
+        }
+        let http = builder.build().map_err(|e| {
+            VlmError::config(format!(
+                "cannot set up the HTTP client: {e}; check the TLS and proxy environment"
+            ))
+        })?;
+        Ok(Transport {
+            http,
+            backend: config.backend,
+            base_url: config.base_url.clone(),
+            root: server_root(&config.base_url),
+            api_key: config.api_key.clone(),
+            timeout: config.timeout,
+            health_timeout: config.health_timeout,
+        })
+    }
+
+    /// The backend this transport talks to.
+    pub fn backend(&self) -> VlmBackend {
+        self.backend
+    }
+
+    /// The normalised base URL.
+    pub fn base_url(&self) -> &Url {
+        &self.base_url
+    }
+
+    /// A URL under the base URL (`models` → `http://h:p/v1/models`).
+    pub fn endpoint(&self, path: &str) -> Url {
+        join(&self.base_url, path)
+    }
+
+    /// A URL under the server root (`health` → `http://h:p/health`).
+    pub fn root_endpoint(&self, path: &str) -> Url {
+        join(&self.root, path)
+    }
+
+    /// The port the server is expected on (for start-command hints).
+    pub fn port(&self) -> u16 {
+        self.base_url.port_or_known_default().unwrap_or(80)
+    }
+
+    /// Sends a GET and reads the whole body.
+    pub async fn get(
+        &self,
+        url: &Url,
+        auth: Auth,
+        timeout: Duration,
+    ) -> Result<RawResponse, VlmError> {
+        let req = self.http.get(url.clone()).timeout(timeout);
+        self.send(req, url, auth, timeout).await
+    }
+
+    /// Sends a POST with a JSON body (already serialised) and reads the whole body.
+    pub async fn post_json(
+        &self,
+        url: &Url,
+        body: impl Into<reqwest::Body>,
+        timeout: Duration,
+    ) -> Result<RawResponse, VlmError> {
+        let req = self
+            .http
+            .post(url.clone())
+            .timeout(timeout)
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .body(body);
+        self.send(req, url, Auth::Bearer, timeout).await
+    }
+
+    async fn send(
+        &self,
+        mut req: reqwest::RequestBuilder,
+        url: &Url,
+        auth: Auth,
+        timeout: Duration,
+    ) -> Result<RawResponse, VlmError> {
+        if let (Auth::Bearer, Some(key)) = (auth, &self.api_key) {
+            let mut value =
+                HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
+                    VlmError::config(
+                        "the API key contains characters not allowed in an HTTP header; check \
+                     VLM_API_KEY / vlm_<backend>_api_key",
+                    )
+                })?;
+            value.set_sensitive(true);
+            req = req.header(AUTHORIZATION, value);
+        }
+        let mut resp = req
+            .send()
+            .await
+            .map_err(|e| self.map_send_error(e, url, timeout))?;
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if let Some(len) = resp.content_length()
+            && len > MAX_RESPONSE_BYTES as u64
+        {
+            return Err(self.too_large(url, status));
+        }
+        let mut body: Vec<u8> = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                        return Err(self.too_large(url, status));
+                    }
+                    if body.is_empty() && resp.content_length().is_none() {
+                        body.reserve(chunk.len());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => return Err(self.map_send_error(e, url, timeout)),
+            }
+        }
+        Ok(RawResponse {
+            url: url.clone(),
+            status,
+            content_type,
+            body: Bytes::from(body),
+        })
+    }
+
+    fn too_large(&self, url: &Url, status: u16) -> VlmError {
+        VlmError::Protocol {
+            backend: self.backend,
+            url: url.to_string(),
+            message: format!(
+                "HTTP {status} with a body over {MAX_RESPONSE_BYTES} bytes; a proxy or the \
+                 server is misbehaving"
+            ),
+        }
+    }
+
+    /// Maps a reqwest failure to `Unreachable`, `Timeout` or `Transport`.
+    pub fn map_send_error(&self, e: reqwest::Error, url: &Url, timeout: Duration) -> VlmError {
+        let url_s = url.to_string();
+        if e.is_timeout() {
+            VlmError::Timeout {
+                backend: self.backend,
+                url: url_s,
+                after: timeout,
+            }
+        } else if e.is_connect() {
+            VlmError::Unreachable {
+                backend: self.backend,
+                url: url_s,
+                reason: error_chain(&e),
+                start_command: self.backend.start_command(self.port()),
+            }
+        } else {
+            VlmError::Transport {
+                backend: self.backend,
+                url: url_s,
+                reason: error_chain(&e),
+            }
+        }
+    }
+
+    /// The `VlmError::Http` for a non-2xx response, decoding the body's error shape.
+    pub fn http_error(&self, resp: &RawResponse) -> VlmError {
+        let decoded = openai::decode_error_body(resp.content_type.as_deref(), &resp.body);
+        VlmError::Http {
+            backend: self.backend,
+            url: resp.url.to_string(),
+            status: resp.status,
+            message: decoded.message,
+            kind: decoded.kind,
+        }
+    }
+}
+
+fn join(base: &Url, path: &str) -> Url {
+    // Bases always end with '/', and paths here are fixed relative strings.
+    base.join(path.trim_start_matches('/'))
+        .unwrap_or_else(|_| base.clone())
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// The error and its sources, joined, without the URL (which the caller shows once).
+fn error_chain(e: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    let mut parts = Vec::new();
+    let mut cur: Option<&dyn std::error::Error> = e.source();
+    while let Some(err) = cur {
+        let s = err.to_string();
+        if !parts.contains(&s) {
+            parts.push(s);
+        }
+        cur = err.source();
+    }
+    if parts.is_empty() {
+        parts.push(e.without_url_string());
+    }
+    parts.join(": ")
+}
+
+trait WithoutUrl {
+    fn without_url_string(&self) -> String;
+}
+
+impl WithoutUrl for reqwest::Error {
+    fn without_url_string(&self) -> String {
+        let mut s = self.to_string();
+        if let Some(url) = self.url() {
+            s = s.replace(&format!(" ({url})"), "");
+        }
+        s
+    }
+}
