@@ -300,6 +300,13 @@ fn decode_json_error(value: &Value) -> Option<DecodedError> {
     None
 }
 
+/// A top-level string field of a JSON object body (e.g. `version` of vLLM's `/version` or
+/// Triton's `/v2`); `None` when the body is not such an object.
+pub fn json_string_field(body: &[u8], field: &str) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    value.get(field)?.as_str().map(str::to_owned)
+}
+
 fn value_text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),

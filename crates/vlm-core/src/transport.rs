@@ -10,7 +10,9 @@ use url::Url;
 use crate::backend::VlmBackend;
 use crate::client::{ApiKey, ClientConfig, server_root};
 use crate::error::VlmError;
+use crate::health::HealthProbe;
 use crate::openai;
+use crate::text::body_snippet;
 
 /// The largest response body read (a misbehaving proxy must not exhaust memory).
 pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
@@ -204,6 +206,40 @@ impl Transport {
             content_type,
             body: Bytes::from(body),
         })
+    }
+
+    /// GETs a route on the server root without the API key (health routes are open on every
+    /// server) and records the probe in `probes`.
+    pub async fn probe(
+        &self,
+        path: &str,
+        probes: &mut Vec<HealthProbe>,
+    ) -> Result<RawResponse, VlmError> {
+        let url = self.root_endpoint(path);
+        let route = format!("GET {}", url.path());
+        match self.get(&url, Auth::None, self.health_timeout).await {
+            Ok(resp) => {
+                let note = if resp.is_success() {
+                    body_snippet(&resp.body, 80)
+                } else {
+                    openai::err_note(&self.http_error(&resp))
+                };
+                probes.push(HealthProbe {
+                    route,
+                    status: Some(resp.status),
+                    note,
+                });
+                Ok(resp)
+            }
+            Err(err) => {
+                probes.push(HealthProbe {
+                    route,
+                    status: None,
+                    note: openai::err_note(&err),
+                });
+                Err(err)
+            }
+        }
     }
 
     fn too_large(&self, url: &Url, status: u16) -> VlmError {
