@@ -1,0 +1,211 @@
+//! Triton client against httpmock servers on 127.0.0.1 that answer as Triton's HTTP frontend.
+
+use httpmock::prelude::*;
+use serde_json::json;
+use vlm_core::{ClientConfig, HealthState, VlmBackend, VlmClient, VlmError, VlmRequest};
+use vlm_triton::TritonClient;
+
+fn client(server: &MockServer, model: Option<&str>) -> TritonClient {
+    // ImageWorks configs hold Triton URLs in the OpenAI form; the client strips them to the root.
+    let mut config =
+        ClientConfig::new(VlmBackend::Triton, &format!("{}/v1", server.base_url())).unwrap();
+    if let Some(m) = model {
+        config = config.with_model(m);
+    }
+    TritonClient::new(config).unwrap()
+}
+
+/// Mounts the Triton routes with the given statuses and bodies for the model-ready route.
+async fn serve(
+    server: &MockServer,
+    live: u16,
+    ready: u16,
+    model_status: u16,
+    model_body: &'static str,
+) {
+    server
+        .mock_async(move |when, then| {
+            when.method(GET).path("/v2/health/live");
+            then.status(live);
+        })
+        .await;
+    server
+        .mock_async(|when, then| {
+            when.method(GET).path("/v2");
+            then.status(200).json_body(json!({
+                "name": "triton", "version": "2.62.0",
+                "extensions": ["classification", "sequence", "model_repository", "generate"]
+            }));
+        })
+        .await;
+    server
+        .mock_async(move |when, then| {
+            when.method(GET).path("/v2/health/ready");
+            then.status(ready);
+        })
+        .await;
+    server
+        .mock_async(move |when, then| {
+            when.method(GET).path("/v2/models/ensemble/ready");
+            then.status(model_status)
+                .header("content-type", "application/json")
+                .body(model_body);
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn each_triton_answer_maps_to_its_health_state() {
+    // (live, ready, model status, model body, state, a word the reason must contain)
+    let cases: [(u16, u16, u16, &str, &str, &str); 6] = [
+        (200, 200, 200, "", "ready", ""),
+        (400, 200, 200, "", "unhealthy", "not live"),
+        (200, 400, 200, "", "starting", "not ready yet"),
+        (
+            200,
+            200,
+            404,
+            r#"{"error":"Request for unknown model: 'ensemble' is not found"}"#,
+            "unhealthy",
+            "Request for unknown model: 'ensemble' is not found",
+        ),
+        (
+            200,
+            200,
+            400,
+            r#"{"error":"Model version not ready"}"#,
+            "starting",
+            "Model version not ready",
+        ),
+        (
+            200,
+            200,
+            503,
+            r#"{"error":"Server not ready"}"#,
+            "starting",
+            "Server not ready",
+        ),
+    ];
+    for (live, ready, model_status, body, want, needle) in cases {
+        let server = MockServer::start_async().await;
+        serve(&server, live, ready, model_status, body).await;
+        let report = client(&server, Some("ensemble")).health().await.unwrap();
+        assert_eq!(
+            report.state.label(),
+            want,
+            "{live}/{ready}/{model_status}: {report}"
+        );
+        if !needle.is_empty() {
+            let reason = report.state.reason().unwrap_or_default();
+            assert!(reason.contains(needle), "{reason}");
+        }
+        if want == "ready" {
+            assert_eq!(report.server_version.as_deref(), Some("2.62.0"));
+            let routes: Vec<&str> = report.probes.iter().map(|p| p.route.as_str()).collect();
+            assert_eq!(
+                routes,
+                [
+                    "GET /v2/health/live",
+                    "GET /v2",
+                    "GET /v2/health/ready",
+                    "GET /v2/models/ensemble/ready"
+                ]
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_openai_frontend_is_recognised_and_pointed_away_from() {
+    let server = MockServer::start_async().await;
+    server
+        .mock_async(|when, then| {
+            when.method(GET).path("/v2/health/live");
+            then.status(404).json_body(json!({"detail": "Not Found"}));
+        })
+        .await;
+    let report = client(&server, Some("m")).health().await.unwrap();
+    let reason = report.state.reason().unwrap_or_default();
+    assert_eq!(report.state.label(), "unhealthy");
+    assert!(
+        reason.contains("OpenAI frontend") && reason.contains("trtllm-serve"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn closed_port_is_unreachable_with_the_tritonserver_command() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config =
+        ClientConfig::new(VlmBackend::Triton, &format!("http://127.0.0.1:{port}")).unwrap();
+    let report = TritonClient::new(config).unwrap().health().await.unwrap();
+    assert_eq!(report.state.label(), "unreachable");
+    assert!(
+        report
+            .state
+            .reason()
+            .unwrap()
+            .contains("tritonserver --model-repository"),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn without_a_model_the_only_ready_one_in_the_repository_is_checked() {
+    let server = MockServer::start_async().await;
+    serve(&server, 200, 200, 200, "").await;
+    let index = server
+        .mock_async(|when, then| {
+            when.method(POST)
+                .path("/v2/repository/index")
+                .json_body(json!({"ready": true}));
+            then.status(200)
+                .json_body(json!([{"name": "ensemble", "version": "1", "state": "READY"}]));
+        })
+        .await;
+    let client = client(&server, None);
+    let report = client.health().await.unwrap();
+    index.assert_calls_async(1).await;
+    assert_eq!(report.state, HealthState::Ready, "{report}");
+    assert_eq!(client.model(), "ensemble");
+}
+
+#[tokio::test]
+async fn inference_is_unsupported_with_actionable_guidance() {
+    let server = MockServer::start_async().await;
+    let any = server
+        .mock_async(|when, then| {
+            when.any_request();
+            then.status(200);
+        })
+        .await;
+    let err = client(&server, Some("ensemble"))
+        .infer_single(&VlmRequest::builder("describe").build().unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VlmError::Unsupported {
+                backend: VlmBackend::Triton,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    for needle in [
+        "not implemented yet",
+        "trtllm-serve <model>",
+        "--vlm-backend vllm",
+        "port 9000",
+        "image_url_input",
+    ] {
+        assert!(msg.contains(needle), "{needle}: {msg}");
+    }
+    any.assert_calls_async(0).await;
+}
