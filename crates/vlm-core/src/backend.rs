@@ -117,8 +117,12 @@ impl FromStr for VlmBackend {
     }
 }
 
-/// Levenshtein distance, for "did you mean" suggestions.
-pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
+/// Levenshtein distance between two strings, for "did you mean" suggestions.
+///
+/// ```
+/// assert_eq!(vlm_core::edit_distance("lmdepoy", "lmdeploy"), 1);
+/// ```
+pub fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     let mut cur = vec![0; b.len() + 1];

@@ -39,7 +39,7 @@ mod response;
 mod text;
 pub mod transport;
 
-pub use backend::VlmBackend;
+pub use backend::{VlmBackend, edit_distance};
 pub use client::{ApiKey, ClientConfig, ModelSlot, VlmClient, normalize_base_url, server_root};
 pub use error::VlmError;
 pub use health::{HealthProbe, HealthReport, HealthState};

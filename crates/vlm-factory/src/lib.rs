@@ -1,0 +1,117 @@
+//! # vlm-factory
+//!
+//! Chooses and builds an ImageWorks VLM client from configuration.
+//!
+//! [`VlmSettings`] is loaded with figment from, later winning: built-in defaults →
+//! `pyproject.toml` (`[tool.imageworks.vlm]`, then the tool's own table such as
+//! `[tool.imageworks.color_narrator]`) → an optional `--config` file (same keys, top level) →
+//! `VLM_*` environment variables → explicit overrides from the command line. The base URL, model
+//! and API key of the chosen backend B are resolved by the first found of: the CLI flag;
+//! `VLM_B_X`; `VLM_X`; the files' `vlm_B_x`; the files' `vlm_x`; B's default (for the model,
+//! discovery; for the key, none). So `--vlm-backend lmdeploy` alone switches to LMDeploy's URL
+//! and model as configured.
+//!
+//! [`build_client`] maps the settings to the backend's client. Backends are cargo features
+//! (`vllm` default, `lmdeploy`, `triton`, `all`); [`VlmBackend`] always knows every backend, so
+//! one that is valid but not compiled in is a [`VlmError::BackendNotCompiled`] naming the
+//! feature, never "unknown backend".
+//!
+//! ```no_run
+//! use vlm_factory::{VlmSettings, build_client};
+//!
+//! # async fn run() -> Result<(), vlm_core::VlmError> {
+//! let settings = VlmSettings::loader()
+//!     .tool("color_narrator")
+//!     .process_env()
+//!     .set_override("vlm_backend", "lmdeploy", "--vlm-backend")
+//!     .load()?;
+//! let client = build_client(&settings)?;
+//! let report = client.health().await?;
+//! println!("🤖 VLM: {}/{}", client.backend(), client.model());
+//! # let _ = report; Ok(()) }
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod settings;
+
+use std::sync::Arc;
+
+pub use settings::{KEYS, KeySpec, SettingsLoader, Source, VlmSettings, known_keys};
+pub use vlm_core::{VlmBackend, VlmClient, VlmError};
+
+/// The backends compiled into this build.
+///
+/// ```
+/// let compiled = vlm_factory::compiled_backends();
+/// assert_eq!(compiled.contains(&vlm_core::VlmBackend::Vllm), cfg!(feature = "vllm"));
+/// ```
+pub fn compiled_backends() -> Vec<VlmBackend> {
+    VlmBackend::ALL
+        .into_iter()
+        .filter(|b| is_compiled(*b))
+        .collect()
+}
+
+/// Whether `backend`'s client is compiled into this build.
+pub fn is_compiled(backend: VlmBackend) -> bool {
+    (backend == VlmBackend::Vllm && cfg!(feature = "vllm"))
+        || (backend == VlmBackend::LmDeploy && cfg!(feature = "lmdeploy"))
+        || (backend == VlmBackend::Triton && cfg!(feature = "triton"))
+}
+
+/// Builds the client the settings describe. Nothing is sent to the server yet.
+///
+/// ```
+/// use vlm_factory::{VlmSettings, build_client};
+///
+/// let settings = VlmSettings::loader()
+///     .set_override("vlm_base_url", "http://127.0.0.1:8000/v1", "--vlm-base-url")
+///     .load()
+///     .unwrap();
+/// match build_client(&settings) {
+///     Ok(client) => assert_eq!(client.backend().to_string(), "vllm"),
+///     // Built without the `vllm` feature:
+///     Err(e) => assert!(e.to_string().contains("--features vllm")),
+/// }
+/// ```
+pub fn build_client(settings: &VlmSettings) -> Result<Arc<dyn VlmClient>, VlmError> {
+    let config = settings.client_config()?;
+    let built: Result<Arc<dyn VlmClient>, VlmError> = match settings.backend {
+        #[cfg(feature = "vllm")]
+        VlmBackend::Vllm => vlm_vllm::VllmClient::new(config).map(|c| Arc::new(c) as _),
+        #[cfg(feature = "lmdeploy")]
+        VlmBackend::LmDeploy => vlm_lmdeploy::LmDeployClient::new(config).map(|c| Arc::new(c) as _),
+        #[cfg(feature = "triton")]
+        VlmBackend::Triton => vlm_triton::TritonClient::new(config).map(|c| Arc::new(c) as _),
+        other => {
+            drop(config);
+            Err(not_compiled(other))
+        }
+    };
+    let client = built?;
+    tracing::debug!(
+        backend = %client.backend(),
+        base_url = %client.base_url(),
+        model = client.model(),
+        "built VLM client"
+    );
+    Ok(client)
+}
+
+fn not_compiled(backend: VlmBackend) -> VlmError {
+    let compiled = compiled_backends();
+    VlmError::BackendNotCompiled {
+        backend,
+        feature: backend.cargo_feature(),
+        compiled: if compiled.is_empty() {
+            "none".to_owned()
+        } else {
+            compiled
+                .iter()
+                .map(|b| b.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    }
+}

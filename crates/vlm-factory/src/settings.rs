@@ -1,0 +1,788 @@
+//! `VlmSettings`: the key registry, the layers, and the per-backend resolution rule.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use serde_json::Value;
+use vlm_core::{
+    ApiKey, ClientConfig, Url, VlmBackend, VlmError, edit_distance, normalize_base_url,
+};
+
+/// One configuration key: its name, default and meaning. Every `vlm_x` key is also read from
+/// the environment variable `VLM_X`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySpec {
+    /// The key as written in TOML, e.g. `vlm_timeout`.
+    pub key: &'static str,
+    /// The default, as shown to people (`"(none)"` when there is none).
+    pub default: &'static str,
+    /// What it means.
+    pub doc: &'static str,
+}
+
+/// Every generic key. The per-backend keys `vlm_<backend>_base_url`, `vlm_<backend>_model` and
+/// `vlm_<backend>_api_key` exist for each backend too (see [`known_keys`]).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec {
+        key: "vlm_backend",
+        default: "vllm",
+        doc: "the server that hosts the model: vllm, lmdeploy or triton",
+    },
+    KeySpec {
+        key: "vlm_base_url",
+        default: "(the backend's default)",
+        doc: "base URL of the server, e.g. http://localhost:8000/v1",
+    },
+    KeySpec {
+        key: "vlm_model",
+        default: "(discovered)",
+        doc: "model name; when unset, the only model the server serves is used",
+    },
+    KeySpec {
+        key: "vlm_api_key",
+        default: "(none)",
+        doc: "sent as `Authorization: Bearer <key>`; never logged or printed",
+    },
+    KeySpec {
+        key: "vlm_timeout",
+        default: "120",
+        doc: "seconds to wait for one inference attempt (a number > 0)",
+    },
+    KeySpec {
+        key: "vlm_connect_timeout",
+        default: "5",
+        doc: "seconds to wait for a connection (a number > 0)",
+    },
+    KeySpec {
+        key: "vlm_max_retries",
+        default: "2",
+        doc: "how many times a failed request may be retried",
+    },
+    KeySpec {
+        key: "vlm_max_tokens",
+        default: "300",
+        doc: "max_tokens sent with each request",
+    },
+    KeySpec {
+        key: "vlm_temperature",
+        default: "0.1",
+        doc: "temperature sent with each request (>= 0)",
+    },
+    KeySpec {
+        key: "vlm_max_image_bytes",
+        default: "33554432",
+        doc: "largest image accepted, in bytes (32 MiB)",
+    },
+];
+
+/// The fields that have per-backend keys.
+const PER_BACKEND: [&str; 3] = ["base_url", "model", "api_key"];
+
+/// Every key this crate knows, generic and per-backend.
+pub fn known_keys() -> Vec<String> {
+    let mut keys: Vec<String> = KEYS.iter().map(|k| k.key.to_owned()).collect();
+    for backend in VlmBackend::ALL {
+        for field in PER_BACKEND {
+            keys.push(format!("vlm_{backend}_{field}"));
+        }
+    }
+    keys
+}
+
+fn closest_key(key: &str) -> Option<String> {
+    known_keys()
+        .into_iter()
+        .map(|k| (edit_distance(key, &k), k))
+        .filter(|(d, _)| *d <= 4)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Where a value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Source {
+    /// The built-in default.
+    Default,
+    /// Not configured: the model is discovered from the server.
+    Discovery,
+    /// A TOML file: `pyproject.toml` (with its table) or a `--config` file.
+    File {
+        /// The file, as given.
+        path: PathBuf,
+        /// The table within it (`tool.imageworks.color_narrator`), `None` for top level.
+        table: Option<String>,
+        /// The key read.
+        key: String,
+    },
+    /// An environment variable.
+    Env {
+        /// Its name, e.g. `VLM_LMDEPLOY_BASE_URL`.
+        var: String,
+    },
+    /// A command-line flag.
+    Cli {
+        /// The flag, e.g. `--vlm-backend`.
+        flag: String,
+    },
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => f.write_str("default"),
+            Source::Discovery => f.write_str("discovered from the server"),
+            Source::File {
+                path,
+                table: Some(table),
+                key,
+            } => {
+                write!(f, "{} [{table}] {key}", path.display())
+            }
+            Source::File {
+                path,
+                table: None,
+                key,
+            } => write!(f, "{} {key}", path.display()),
+            Source::Env { var } => f.write_str(var),
+            Source::Cli { flag } => f.write_str(flag),
+        }
+    }
+}
+
+/// A raw value before it is checked: a string (environment, flags) or a TOML value.
+#[derive(Debug, Clone, PartialEq)]
+enum Raw {
+    Text(String),
+    Toml(Value),
+}
+
+impl Raw {
+    /// The value as text, leniently: `VLM_API_KEY=12345` or `vlm_api_key = 12345` is the
+    /// string "12345".
+    fn text(&self) -> Option<String> {
+        match self {
+            Raw::Text(s) => Some(s.clone()),
+            Raw::Toml(Value::String(s)) => Some(s.clone()),
+            Raw::Toml(v @ (Value::Number(_) | Value::Bool(_))) => Some(v.to_string()),
+            Raw::Toml(_) => None,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self.text().as_deref().map(str::trim), Some(""))
+    }
+
+    fn shown(&self) -> String {
+        match self {
+            Raw::Text(s) => format!("{s:?}"),
+            Raw::Toml(v) => v.to_string(),
+        }
+    }
+}
+
+/// One layer of files: a TOML table's `vlm_*` keys.
+#[derive(Debug, Clone)]
+struct FileLayer {
+    path: PathBuf,
+    table: Option<String>,
+    values: BTreeMap<String, Value>,
+}
+
+/// A resolved value and its source.
+type Found = (Raw, Source);
+
+/// Reads settings from every layer; see [`VlmSettings::loader`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct SettingsLoader {
+    tool: String,
+    cwd: PathBuf,
+    env: BTreeMap<String, String>,
+    config_file: Option<PathBuf>,
+    overrides: BTreeMap<String, (String, String)>,
+}
+
+impl SettingsLoader {
+    /// The tool whose table in `pyproject.toml` is read after `[tool.imageworks.vlm]`
+    /// (default `color_narrator`).
+    pub fn tool(mut self, tool: impl Into<String>) -> Self {
+        self.tool = tool.into();
+        self
+    }
+
+    /// The directory whose `pyproject.toml` is read (default: the current directory).
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cwd = dir.into();
+        self
+    }
+
+    /// The environment to read `VLM_*` variables from (default: none, so tests never depend on
+    /// the process environment).
+    pub fn env<K: Into<String>, V: Into<String>>(
+        mut self,
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        self.env = vars
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        self
+    }
+
+    /// Reads `VLM_*` variables from the process environment (non-UTF-8 values are skipped).
+    pub fn process_env(self) -> Self {
+        let vars: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.to_ascii_uppercase().starts_with("VLM_"))
+            .collect();
+        self.env(vars)
+    }
+
+    /// A TOML file whose top-level `vlm_*` keys override `pyproject.toml`; it must exist.
+    pub fn config_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config_file = Some(path.into());
+        self
+    }
+
+    /// An explicit value from the command line, e.g. `("vlm_backend", "lmdeploy",
+    /// "--vlm-backend")`. Overrides win over every other layer.
+    pub fn set_override(
+        mut self,
+        key: &str,
+        value: impl Into<String>,
+        flag: impl Into<String>,
+    ) -> Self {
+        self.overrides
+            .insert(key.to_ascii_lowercase(), (value.into(), flag.into()));
+        self
+    }
+
+    /// Reads every layer and resolves the settings.
+    pub fn load(self) -> Result<VlmSettings, VlmError> {
+        let mut warnings = Vec::new();
+        for key in self.overrides.keys() {
+            if !known_keys().contains(key) {
+                return Err(VlmError::config(format!(
+                    "unknown setting {key:?} given as an override"
+                )));
+            }
+        }
+        if !self
+            .tool
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            || self.tool.is_empty()
+        {
+            return Err(VlmError::config(format!(
+                "invalid tool name {:?} (--tool); use letters, digits, '_' or '-', e.g. color_narrator",
+                self.tool
+            )));
+        }
+        let mut files = self.pyproject_layers(&mut warnings)?;
+        if let Some(path) = &self.config_file {
+            files.push(config_layer(path, &mut warnings)?);
+        }
+        let env = self.env_layer(&mut warnings);
+        let layers = Layers {
+            overrides: &self.overrides,
+            env,
+            files,
+        };
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        let mut settings = resolve(&layers, self.tool)?;
+        settings.warnings = warnings;
+        Ok(settings)
+    }
+
+    fn pyproject_layers(&self, warnings: &mut Vec<String>) -> Result<Vec<FileLayer>, VlmError> {
+        let path = self.cwd.join("pyproject.toml");
+        if !path.is_file() {
+            return Ok(Vec::new());
+        }
+        let shown = PathBuf::from("pyproject.toml");
+        let mut tables = vec!["tool.imageworks.vlm".to_owned()];
+        let own = format!("tool.imageworks.{}", self.tool);
+        if !tables.contains(&own) {
+            tables.push(own);
+        }
+        let root = Figment::from(Toml::file_exact(&path));
+        let mut layers = Vec::new();
+        for table in tables {
+            let values: BTreeMap<String, Value> = root.focus(&table).extract().map_err(|e| {
+                VlmError::config(format!(
+                    "cannot read {} [{table}]: {e}; fix the TOML or move the file aside",
+                    path.display()
+                ))
+            })?;
+            let mut kept = BTreeMap::new();
+            for (key, value) in values {
+                let lower = key.to_ascii_lowercase();
+                if !lower.starts_with("vlm_") {
+                    continue; // ImageWorks tool tables hold other keys too.
+                }
+                if !known_keys().contains(&lower) {
+                    warnings.push(unknown_key_message(
+                        &key,
+                        &format!("pyproject.toml [{table}]"),
+                    ));
+                    continue;
+                }
+                kept.insert(lower, value);
+            }
+            layers.push(FileLayer {
+                path: shown.clone(),
+                table: Some(table),
+                values: kept,
+            });
+        }
+        Ok(layers)
+    }
+
+    fn env_layer(&self, warnings: &mut Vec<String>) -> BTreeMap<String, (String, String)> {
+        let mut out = BTreeMap::new();
+        for (var, value) in &self.env {
+            let key = var.to_ascii_lowercase();
+            if !key.starts_with("vlm_") {
+                continue;
+            }
+            if known_keys().contains(&key) {
+                out.insert(key, (value.clone(), var.clone()));
+            } else {
+                warnings.push(unknown_key_message(var, "the environment"));
+            }
+        }
+        out
+    }
+}
+
+fn unknown_key_message(key: &str, place: &str) -> String {
+    let upper = key.chars().any(|c| c.is_ascii_uppercase());
+    match closest_key(&key.to_ascii_lowercase()) {
+        Some(k) if upper => format!(
+            "unknown setting {key} in {place} is ignored; did you mean {}?",
+            k.to_ascii_uppercase()
+        ),
+        Some(k) => format!("unknown setting {key} in {place} is ignored; did you mean {k}?"),
+        None => format!("unknown setting {key} in {place} is ignored"),
+    }
+}
+
+fn config_layer(path: &Path, warnings: &mut Vec<String>) -> Result<FileLayer, VlmError> {
+    if !path.is_file() {
+        return Err(VlmError::config(format!(
+            "config file {} (--config) does not exist or is not a file; check the path",
+            path.display()
+        )));
+    }
+    let values: BTreeMap<String, Value> =
+        Figment::from(Toml::file_exact(path))
+            .extract()
+            .map_err(|e| {
+                VlmError::config(format!(
+                    "cannot read config file {} (--config): {e}",
+                    path.display()
+                ))
+            })?;
+    let mut kept = BTreeMap::new();
+    for (key, value) in values {
+        let lower = key.to_ascii_lowercase();
+        if known_keys().contains(&lower) {
+            kept.insert(lower, value);
+        } else if lower.starts_with("vlm_") {
+            let hint = closest_key(&lower)
+                .map(|k| format!("; did you mean {k}?"))
+                .unwrap_or_default();
+            return Err(VlmError::config(format!(
+                "unknown setting {key} in config file {}{hint} (known: {})",
+                path.display(),
+                KEYS.iter().map(|k| k.key).collect::<Vec<_>>().join(", ")
+            )));
+        } else {
+            warnings.push(format!(
+                "config file {}: {key} is not a vlm_* setting and is ignored",
+                path.display()
+            ));
+        }
+    }
+    Ok(FileLayer {
+        path: path.to_owned(),
+        table: None,
+        values: kept,
+    })
+}
+
+struct Layers<'a> {
+    /// key → (value, flag)
+    overrides: &'a BTreeMap<String, (String, String)>,
+    /// key → (value, variable name)
+    env: BTreeMap<String, (String, String)>,
+    /// In merge order: later wins.
+    files: Vec<FileLayer>,
+}
+
+impl Layers<'_> {
+    fn in_overrides(&self, key: &str) -> Option<Found> {
+        let (value, flag) = self.overrides.get(key)?;
+        Some((Raw::Text(value.clone()), Source::Cli { flag: flag.clone() }))
+            .filter(|(r, _)| !r.is_empty())
+    }
+
+    fn in_env(&self, key: &str) -> Option<Found> {
+        let (value, var) = self.env.get(key)?;
+        Some((Raw::Text(value.clone()), Source::Env { var: var.clone() }))
+            .filter(|(r, _)| !r.is_empty())
+    }
+
+    fn in_files(&self, key: &str) -> Option<Found> {
+        self.files.iter().rev().find_map(|layer| {
+            let value = layer.values.get(key)?;
+            let raw = Raw::Toml(value.clone());
+            (!raw.is_empty()).then(|| {
+                (
+                    raw,
+                    Source::File {
+                        path: layer.path.clone(),
+                        table: layer.table.clone(),
+                        key: key.to_owned(),
+                    },
+                )
+            })
+        })
+    }
+
+    /// flag > `VLM_X` > merged files.
+    fn plain(&self, key: &str) -> Option<Found> {
+        self.in_overrides(key)
+            .or_else(|| self.in_env(key))
+            .or_else(|| self.in_files(key))
+    }
+
+    /// The six-step rule for `base_url`, `model`, `api_key` of backend `b`.
+    fn per_backend(&self, field: &str, b: VlmBackend) -> Option<Found> {
+        let generic = format!("vlm_{field}");
+        let specific = format!("vlm_{b}_{field}");
+        self.in_overrides(&generic)
+            .or_else(|| self.in_env(&specific))
+            .or_else(|| self.in_env(&generic))
+            .or_else(|| self.in_files(&specific))
+            .or_else(|| self.in_files(&generic))
+    }
+}
+
+/// The resolved settings: what every client and tool needs, with where each value came from.
+///
+/// ```
+/// use vlm_factory::VlmSettings;
+/// use vlm_core::VlmBackend;
+///
+/// let dir = std::env::temp_dir().join("vlm-settings-doc");
+/// std::fs::create_dir_all(&dir).unwrap();
+/// std::fs::write(dir.join("pyproject.toml"), r#"
+/// [tool.imageworks.color_narrator]
+/// vlm_backend = "vllm"
+/// vlm_lmdeploy_base_url = "http://gpu:24001/v1"
+/// "#).unwrap();
+///
+/// let settings = VlmSettings::loader()
+///     .cwd(&dir)
+///     .env([("VLM_TIMEOUT", "30")])
+///     .set_override("vlm_backend", "lmdeploy", "--vlm-backend")
+///     .load()
+///     .unwrap();
+/// assert_eq!(settings.backend, VlmBackend::LmDeploy);
+/// assert_eq!(settings.base_url.as_str(), "http://gpu:24001/v1/");
+/// assert_eq!(settings.timeout.as_secs(), 30);
+/// assert_eq!(settings.source("vlm_backend").unwrap().to_string(), "--vlm-backend");
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct VlmSettings {
+    /// The tool whose table was read.
+    pub tool: String,
+    /// The backend (`vlm_backend`).
+    pub backend: VlmBackend,
+    /// The normalised base URL for that backend.
+    pub base_url: Url,
+    /// The model, `None` to discover it.
+    pub model: Option<String>,
+    /// The API key; its `Debug` shows `***`.
+    pub api_key: Option<ApiKey>,
+    /// Per-attempt inference timeout (`vlm_timeout`).
+    pub timeout: Duration,
+    /// Connect timeout (`vlm_connect_timeout`).
+    pub connect_timeout: Duration,
+    /// Retries (`vlm_max_retries`).
+    pub max_retries: u32,
+    /// `max_tokens` for requests (`vlm_max_tokens`).
+    pub max_tokens: u32,
+    /// `temperature` for requests (`vlm_temperature`).
+    pub temperature: f64,
+    /// Image size limit (`vlm_max_image_bytes`).
+    pub max_image_bytes: u64,
+    sources: BTreeMap<&'static str, Source>,
+    warnings: Vec<String>,
+}
+
+impl VlmSettings {
+    /// Starts loading settings: tool `color_narrator`, the current directory, no environment,
+    /// no config file, no overrides.
+    pub fn loader() -> SettingsLoader {
+        SettingsLoader {
+            tool: "color_narrator".to_owned(),
+            cwd: PathBuf::from("."),
+            env: BTreeMap::new(),
+            config_file: None,
+            overrides: BTreeMap::new(),
+        }
+    }
+
+    /// Where the resolved value of a generic key (`vlm_base_url`, `vlm_timeout`, ...) came from.
+    pub fn source(&self, key: &str) -> Option<&Source> {
+        self.sources.get(key)
+    }
+
+    /// Warnings found while loading (unknown keys), also logged at warn.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Every resolved setting as `(key, value, source)`, the API key redacted as `***`; what
+    /// `vlm config` prints.
+    pub fn entries(&self) -> Vec<(&'static str, String, String)> {
+        let src = |k: &'static str| {
+            self.sources
+                .get(k)
+                .map_or_else(|| "default".to_owned(), ToString::to_string)
+        };
+        let secs = |d: Duration| {
+            let s = d.as_secs_f64();
+            if s.fract() == 0.0 {
+                format!("{s:.0}")
+            } else {
+                s.to_string()
+            }
+        };
+        vec![
+            ("vlm_backend", self.backend.to_string(), src("vlm_backend")),
+            (
+                "vlm_base_url",
+                self.base_url.to_string(),
+                src("vlm_base_url"),
+            ),
+            (
+                "vlm_model",
+                self.model
+                    .clone()
+                    .unwrap_or_else(|| "(discover)".to_owned()),
+                src("vlm_model"),
+            ),
+            (
+                "vlm_api_key",
+                if self.api_key.is_some() {
+                    "***".to_owned()
+                } else {
+                    "(none)".to_owned()
+                },
+                src("vlm_api_key"),
+            ),
+            ("vlm_timeout", secs(self.timeout), src("vlm_timeout")),
+            (
+                "vlm_connect_timeout",
+                secs(self.connect_timeout),
+                src("vlm_connect_timeout"),
+            ),
+            (
+                "vlm_max_retries",
+                self.max_retries.to_string(),
+                src("vlm_max_retries"),
+            ),
+            (
+                "vlm_max_tokens",
+                self.max_tokens.to_string(),
+                src("vlm_max_tokens"),
+            ),
+            (
+                "vlm_temperature",
+                self.temperature.to_string(),
+                src("vlm_temperature"),
+            ),
+            (
+                "vlm_max_image_bytes",
+                self.max_image_bytes.to_string(),
+                src("vlm_max_image_bytes"),
+            ),
+        ]
+    }
+
+    /// The client configuration these settings describe.
+    pub fn client_config(&self) -> Result<ClientConfig, VlmError> {
+        let mut config = ClientConfig::new(self.backend, self.base_url.as_str())?
+            .with_timeout(self.timeout)
+            .with_connect_timeout(self.connect_timeout)
+            .with_health_timeout(self.timeout.min(ClientConfig::DEFAULT_HEALTH_TIMEOUT))
+            .with_max_retries(self.max_retries)
+            .with_max_image_bytes(self.max_image_bytes);
+        if let Some(model) = &self.model {
+            config = config.with_model(model.clone());
+        }
+        if let Some(key) = &self.api_key {
+            config = config.with_api_key(key.expose());
+        }
+        Ok(config)
+    }
+}
+
+fn invalid(key: &str, raw: &Raw, source: &Source, expected: &str) -> VlmError {
+    VlmError::config(format!(
+        "invalid {key} {} (from {source}): expected {expected}",
+        raw.shown()
+    ))
+}
+
+fn number(raw: &Raw) -> Option<f64> {
+    match raw {
+        Raw::Toml(Value::Number(n)) => n.as_f64(),
+        other => other.text()?.trim().parse::<f64>().ok(),
+    }
+}
+
+fn resolve(layers: &Layers<'_>, tool: String) -> Result<VlmSettings, VlmError> {
+    let mut sources: BTreeMap<&'static str, Source> = BTreeMap::new();
+
+    let backend = match layers.plain("vlm_backend") {
+        Some((raw, source)) => {
+            let text = raw
+                .text()
+                .ok_or_else(|| invalid("vlm_backend", &raw, &source, "a string"))?;
+            let backend = text
+                .parse::<VlmBackend>()
+                .map_err(|_| VlmError::unknown_backend(&text, Some(&source.to_string())))?;
+            sources.insert("vlm_backend", source);
+            backend
+        }
+        None => VlmBackend::default(),
+    };
+
+    let base_url = match layers.per_backend("base_url", backend) {
+        Some((raw, source)) => {
+            let text = raw
+                .text()
+                .ok_or_else(|| invalid("vlm_base_url", &raw, &source, "a URL"))?;
+            let url = normalize_base_url(backend, &text).map_err(|e| {
+                VlmError::config(format!("invalid vlm_base_url (from {source}): {e}"))
+            })?;
+            sources.insert("vlm_base_url", source);
+            url
+        }
+        None => normalize_base_url(backend, backend.default_base_url())?,
+    };
+
+    let model = match layers.per_backend("model", backend) {
+        Some((raw, source)) => {
+            let text = raw
+                .text()
+                .ok_or_else(|| invalid("vlm_model", &raw, &source, "a model name"))?;
+            sources.insert("vlm_model", source);
+            Some(text.trim().to_owned())
+        }
+        None => {
+            sources.insert("vlm_model", Source::Discovery);
+            None
+        }
+    };
+
+    let api_key = match layers.per_backend("api_key", backend) {
+        Some((raw, source)) => {
+            // Never echo the key's value in an error.
+            let text = raw.text().ok_or_else(|| {
+                VlmError::config(format!(
+                    "invalid vlm_api_key (from {source}): expected a string"
+                ))
+            })?;
+            sources.insert("vlm_api_key", source);
+            Some(ApiKey::new(text))
+        }
+        None => None,
+    };
+
+    let mut seconds = |key: &'static str, default: Duration| -> Result<Duration, VlmError> {
+        let Some((raw, source)) = layers.plain(key) else {
+            return Ok(default);
+        };
+        let secs = number(&raw)
+            .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0 * 7.0)
+            .ok_or_else(|| invalid(key, &raw, &source, "seconds as a number > 0, e.g. 120"))?;
+        sources.insert(key, source);
+        Ok(Duration::from_secs_f64(secs))
+    };
+    let timeout = seconds("vlm_timeout", ClientConfig::DEFAULT_TIMEOUT)?;
+    let connect_timeout = seconds("vlm_connect_timeout", ClientConfig::DEFAULT_CONNECT_TIMEOUT)?;
+
+    let mut whole =
+        |key: &'static str, default: u64, min: u64, max: u64| -> Result<u64, VlmError> {
+            let Some((raw, source)) = layers.plain(key) else {
+                return Ok(default);
+            };
+            let n = number(&raw)
+                .filter(|n| n.fract() == 0.0 && *n >= min as f64 && *n <= max as f64)
+                .ok_or_else(|| {
+                    invalid(
+                        key,
+                        &raw,
+                        &source,
+                        &format!("a whole number from {min} to {max}"),
+                    )
+                })?;
+            sources.insert(key, source);
+            Ok(n as u64)
+        };
+    let max_retries = whole(
+        "vlm_max_retries",
+        u64::from(ClientConfig::DEFAULT_MAX_RETRIES),
+        0,
+        100,
+    )? as u32;
+    let max_tokens = whole("vlm_max_tokens", 300, 1, u64::from(u32::MAX))? as u32;
+    let max_image_bytes = whole(
+        "vlm_max_image_bytes",
+        ClientConfig::DEFAULT_MAX_IMAGE_BYTES,
+        1,
+        1 << 40,
+    )?;
+
+    let temperature = match layers.plain("vlm_temperature") {
+        Some((raw, source)) => {
+            let t = number(&raw)
+                .filter(|t| t.is_finite() && *t >= 0.0)
+                .ok_or_else(|| {
+                    invalid("vlm_temperature", &raw, &source, "a number >= 0, e.g. 0.1")
+                })?;
+            sources.insert("vlm_temperature", source);
+            t
+        }
+        None => 0.1,
+    };
+
+    Ok(VlmSettings {
+        tool,
+        backend,
+        base_url,
+        model,
+        api_key,
+        timeout,
+        connect_timeout,
+        max_retries,
+        max_tokens,
+        temperature,
+        max_image_bytes,
+        sources,
+        warnings: Vec::new(),
+    })
+}

@@ -1,0 +1,101 @@
+//! `cargo xtask <task>`: the project's automation, in plain Rust with no dependencies.
+//!
+//! - `ci`: formatting, clippy (`-D warnings`, all targets, all features), the workspace tests,
+//!   rustdoc with `-D warnings`, then the feature matrix. This is the README's test command and
+//!   what `.ci/run` runs.
+//! - `matrix`: `vlm-factory` tested with each backend feature alone, with all, and with none.
+
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+/// The feature combinations of the matrix: five explicit ones, not a powerset.
+const MATRIX: [(&str, &[&str]); 5] = [
+    ("none", &["--no-default-features"]),
+    ("vllm", &["--no-default-features", "--features", "vllm"]),
+    (
+        "lmdeploy",
+        &["--no-default-features", "--features", "lmdeploy"],
+    ),
+    ("triton", &["--no-default-features", "--features", "triton"]),
+    ("all", &["--features", "all"]),
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("matrix") => matrix(),
+        Some("-h" | "--help" | "help") | None => {
+            eprintln!("usage: cargo xtask <ci | matrix>");
+            eprintln!(
+                "  ci      fmt check, clippy -D warnings, tests, rustdoc -D warnings, feature matrix"
+            );
+            eprintln!("  matrix  test vlm-factory with each backend feature alone, all, and none");
+            return if args.is_empty() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+        Some(other) => Err(format!("unknown task {other:?}; run `cargo xtask help`")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
+    let started = Instant::now();
+    eprintln!("==> cargo {}", args.join(" "));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .args(args)
+        .envs(env.iter().copied())
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    eprintln!("<== {:.1} s", started.elapsed().as_secs_f64());
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`cargo {}` failed ({status})", args.join(" ")))
+    }
+}
+
+fn ci() -> Result<(), String> {
+    let started = Instant::now();
+    cargo(&["fmt", "--all", "--", "--check"], &[])?;
+    cargo(
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )?;
+    cargo(&["test", "--workspace", "--all-features"], &[])?;
+    cargo(
+        &["doc", "--workspace", "--all-features", "--no-deps"],
+        &[("RUSTDOCFLAGS", "-D warnings")],
+    )?;
+    matrix()?;
+    eprintln!("ci passed in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn matrix() -> Result<(), String> {
+    for (name, flags) in MATRIX {
+        eprintln!("--- matrix: vlm-factory with {name}");
+        let mut args = vec!["test", "-p", "vlm-factory"];
+        args.extend_from_slice(flags);
+        cargo(&args, &[])?;
+    }
+    Ok(())
+}
