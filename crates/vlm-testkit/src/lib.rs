@@ -1,0 +1,41 @@
+//! # vlm-testkit
+//!
+//! Local emulators of the servers ImageWorks VLM talks to — vLLM, LMDeploy and Triton — for
+//! tests, demos and benchmarks on machines with no GPU, no model and no network.
+//!
+//! Each [`Emulator`] listens on 127.0.0.1 (port 0 by default), answers each route with the
+//! status codes and bodies of the real server (errors in that server's shape, API-key scope,
+//! SSE streaming framed as the server frames it), validates what the real server would reject
+//! (image parts must be `data:` URLs whose bytes really are that image type), and computes a
+//! deterministic answer from each image: its size, mean colour, whether it is monochrome and the
+//! hue and strength of any cast, and the first 16 hex digits of its SHA-256. Answers start with
+//! `[emulator]` so nobody mistakes them for a model's.
+//!
+//! Faults can be injected into the next chat calls ([`Fault`]): a status with a body (503, 429
+//! with `Retry-After`, a proxy's HTML 502), a delay, a hang, a connection dropped mid-body,
+//! LMDeploy <= 0.15's HTTP 200 with `finish_reason: "error"`; [`Emulator::start_after`] keeps the
+//! port closed for a while, as a server still loading its model does. Every request is recorded.
+//!
+//! ```
+//! use vlm_core::VlmBackend;
+//! use vlm_testkit::{Emulator, EmulatorConfig, Fault};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let lmdeploy = Emulator::start(EmulatorConfig::new(VlmBackend::LmDeploy).with_model("InternVL2-2B"))
+//!     .await
+//!     .unwrap();
+//! lmdeploy.fail_next(2, Fault::unavailable());
+//! println!("--vlm-base-url {}", lmdeploy.base_url());
+//! assert_eq!(lmdeploy.model(), "InternVL2-2B");
+//! # }
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod analysis;
+mod cli;
+mod routes;
+mod server;
+
+pub use cli::{EmulatorArgs, parse_emulator_args, run_emulator};
+pub use server::{Emulator, EmulatorConfig, EmulatorError, Fault, RecordedRequest, default_model};

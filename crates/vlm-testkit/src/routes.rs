@@ -1,0 +1,678 @@
+//! Routes and bodies, as each real server answers them.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util_lite::collect_limited;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use vlm_core::{ImageMime, VlmBackend};
+
+use crate::analysis::analyse;
+use crate::server::{Body, Fault, RecordedRequest, Resp, Shared, lock};
+
+/// The largest request body accepted (vLLM's default limit is far larger; this bounds memory).
+const MAX_REQUEST_BYTES: usize = 256 * 1024 * 1024;
+
+mod http_body_util_lite {
+    use bytes::{Bytes, BytesMut};
+    use http_body::Body as _;
+    use hyper::body::Incoming;
+
+    /// Reads a whole request body, refusing more than `limit` bytes.
+    pub(crate) async fn collect_limited(mut body: Incoming, limit: usize) -> Result<Bytes, String> {
+        let mut out = BytesMut::new();
+        loop {
+            let frame =
+                std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
+            match frame {
+                None => return Ok(out.freeze()),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        if out.len() + data.len() > limit {
+                            return Err(format!("request body over {limit} bytes"));
+                        }
+                        out.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn json_response(status: u16, body: &Value) -> Resp {
+    raw_response(status, "application/json", body.to_string())
+}
+
+fn raw_response(status: u16, content_type: &str, body: impl Into<Bytes>) -> Resp {
+    let mut resp = Response::new(Body::full(body));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(CONTENT_TYPE, v);
+    }
+    resp
+}
+
+fn empty_response(status: u16) -> Resp {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp
+}
+
+/// An error in the backend's own shape.
+fn error(backend: VlmBackend, status: u16, kind: &str, message: &str, param: Option<&str>) -> Resp {
+    match backend {
+        // vLLM >= 0.10.1: nested.
+        VlmBackend::Vllm => json_response(
+            status,
+            &json!({"error": {"message": message, "type": kind, "param": param, "code": status}}),
+        ),
+        // LMDeploy: flat.
+        VlmBackend::LmDeploy => json_response(
+            status,
+            &json!({"object": "error", "message": message, "type": kind, "param": param, "code": status}),
+        ),
+        _ => json_response(status, &json!({"error": message})),
+    }
+}
+
+/// FastAPI's request-validation answer (LMDeploy's missing required fields, bad JSON).
+fn validation_error(loc: &[&str], msg: &str, kind: &str) -> Resp {
+    json_response(
+        422,
+        &json!({"detail": [{"type": kind, "loc": loc, "msg": msg, "input": null}]}),
+    )
+}
+
+pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = match collect_limited(req.into_body(), MAX_REQUEST_BYTES).await {
+        Ok(b) => b,
+        Err(e) => return error(shared.backend, 413, "BadRequestError", &e, None),
+    };
+    let parsed = serde_json::from_slice::<Value>(&body).ok();
+    let record = RecordedRequest {
+        method: method.clone(),
+        path: path.clone(),
+        headers,
+        json: parsed,
+        body_len: body.len(),
+    };
+    lock(&shared.requests).push(record.clone());
+    tracing::info!(backend = %shared.backend, "{method} {path} ({} bytes)", body.len());
+
+    match shared.backend {
+        VlmBackend::Triton => triton(&shared, &method, &path),
+        _ => openai(&shared, &record, &body).await,
+    }
+}
+
+fn authorized(shared: &Shared, record: &RecordedRequest) -> bool {
+    let Some(key) = &shared.api_key else {
+        return true;
+    };
+    let Some(value) = record.header("authorization") else {
+        return false;
+    };
+    let mut parts = value.splitn(2, ' ');
+    let scheme = parts.next().unwrap_or_default();
+    let given = parts.next().unwrap_or_default();
+    scheme.eq_ignore_ascii_case("bearer") && given == key
+}
+
+async fn openai(shared: &Shared, record: &RecordedRequest, body: &Bytes) -> Resp {
+    let backend = shared.backend;
+    let path = record.path.as_str();
+    let protected = match backend {
+        // vLLM guards the API prefixes only; /health and /version stay open.
+        VlmBackend::Vllm => ["/v1", "/v2", "/inference"]
+            .iter()
+            .any(|p| path.starts_with(p)),
+        // LMDeploy guards everything but these.
+        _ => !matches!(path, "/health" | "/docs" | "/redoc" | "/nodes"),
+    };
+    if protected && !authorized(shared, record) {
+        return match backend {
+            VlmBackend::Vllm => json_response(401, &json!({"error": "Unauthorized"})),
+            _ => error(backend, 401, "authentication_error", "Unauthorized.", None),
+        };
+    }
+    match (record.method.as_str(), path) {
+        ("GET", "/health") => match backend {
+            VlmBackend::Vllm => empty_response(200),
+            _ => json_response(200, &json!({"status": "healthy", "message": ""})),
+        },
+        ("GET", "/version") if backend == VlmBackend::Vllm => {
+            json_response(200, &json!({"version": "0.33.0"}))
+        }
+        ("GET", "/v1/models") => json_response(200, &models(shared)),
+        ("POST", "/v1/chat/completions") => chat(shared, record, body).await,
+        (_, "/v1/chat/completions" | "/health" | "/v1/models") => {
+            json_response(405, &json!({"detail": "Method Not Allowed"}))
+        }
+        _ => json_response(404, &json!({"detail": "Not Found"})),
+    }
+}
+
+fn models(shared: &Shared) -> Value {
+    let created = now();
+    let mut entry = json!({
+        "id": shared.model, "object": "model", "created": created,
+        "owned_by": shared.backend.as_str(), "root": shared.model, "parent": null,
+        "permission": [{"id": "modelperm-emulator", "object": "model_permission", "created": created,
+            "allow_create_engine": false, "allow_sampling": true, "allow_logprobs": true,
+            "allow_search_indices": false, "allow_view": true, "allow_fine_tuning": false,
+            "organization": "*", "group": null, "is_blocking": false}]
+    });
+    if shared.backend == VlmBackend::Vllm {
+        entry["max_model_len"] = json!(32768);
+    }
+    json!({"object": "list", "data": [entry]})
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What a valid request asked for.
+struct ChatAsk {
+    model: String,
+    images: Vec<Vec<u8>>,
+    prompt_chars: usize,
+    max_tokens: Option<u64>,
+    stream: bool,
+    include_usage: bool,
+}
+
+async fn chat(shared: &Shared, record: &RecordedRequest, body: &Bytes) -> Resp {
+    let backend = shared.backend;
+    let bad = |message: &str| error(backend, 400, bad_kind(backend), message, None);
+    let content_type = record.header("content-type").unwrap_or_default();
+    if !content_type
+        .to_ascii_lowercase()
+        .starts_with("application/json")
+    {
+        return bad("Unsupported Media Type: Only 'application/json' is allowed");
+    }
+    let Some(json) = &record.json else {
+        let msg = format!(
+            "JSON decode error: {}",
+            serde_json::from_slice::<Value>(body)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        );
+        return match backend {
+            VlmBackend::LmDeploy => validation_error(&["body", "0"], &msg, "json_invalid"),
+            _ => bad(&msg),
+        };
+    };
+    let ask = match validate(shared, json) {
+        Ok(ask) => ask,
+        Err(resp) => return resp,
+    };
+
+    let (fault, delay) = {
+        let mut faults = lock(&shared.faults);
+        (faults.queue.pop_front(), faults.delay)
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    match fault {
+        Some(Fault::Status {
+            status,
+            content_type,
+            body,
+            headers,
+        }) => {
+            let mut resp = raw_response(status, &content_type, body);
+            for (k, v) in headers {
+                if let (Ok(name), Ok(value)) = (
+                    hyper::header::HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_str(&v),
+                ) {
+                    resp.headers_mut().insert(name, value);
+                }
+            }
+            return resp;
+        }
+        Some(Fault::Hang) => {
+            std::future::pending::<()>().await;
+        }
+        Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        Some(Fault::DropMidBody) => return dropped_mid_body(),
+        Some(Fault::FinishReasonError(message)) => {
+            return json_response(
+                200,
+                &completion(shared, &ask.model, &message, "error", 0, 0),
+            );
+        }
+        None => {}
+    }
+
+    let mut descriptions = Vec::with_capacity(ask.images.len());
+    for (i, image) in ask.images.iter().enumerate() {
+        match analyse(image) {
+            Ok(summary) if ask.images.len() == 1 => descriptions.push(summary.describe()),
+            Ok(summary) => descriptions.push(format!("image {}: {}", i + 1, summary.describe())),
+            Err(e) => return bad(&format!("image {}: {e}", i + 1)),
+        }
+    }
+    let answer = if descriptions.is_empty() {
+        format!(
+            "[emulator] no image received; the prompt had {} characters",
+            ask.prompt_chars
+        )
+    } else {
+        format!("[emulator] {}", descriptions.join(" | "))
+    };
+    // One "token" per word: enough to exercise max_tokens and finish_reason "length".
+    let words: Vec<&str> = answer.split_inclusive(' ').collect();
+    let limit = ask
+        .max_tokens
+        .map_or(words.len(), |m| (m as usize).min(words.len()));
+    let (text, finish) = if limit < words.len() {
+        (words[..limit].concat(), "length")
+    } else {
+        (answer.clone(), "stop")
+    };
+    let prompt_tokens = (ask.prompt_chars as u64).div_ceil(4) + 256 * ask.images.len() as u64;
+    let completion_tokens = limit as u64;
+    if ask.stream {
+        return stream(
+            shared,
+            &ask,
+            &words[..limit],
+            finish,
+            prompt_tokens,
+            completion_tokens,
+        );
+    }
+    json_response(
+        200,
+        &completion(
+            shared,
+            &ask.model,
+            &text,
+            finish,
+            prompt_tokens,
+            completion_tokens,
+        ),
+    )
+}
+
+fn bad_kind(backend: VlmBackend) -> &'static str {
+    match backend {
+        VlmBackend::Vllm => "BadRequestError",
+        _ => "invalid_request_error",
+    }
+}
+
+fn completion(
+    shared: &Shared,
+    model: &str,
+    text: &str,
+    finish: &str,
+    prompt: u64,
+    completion: u64,
+) -> Value {
+    let n = shared.counter.fetch_add(1, Ordering::Relaxed);
+    json!({
+        "id": format!("chatcmpl-emulator-{n}"),
+        "object": "chat.completion",
+        "created": now(),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "tool_calls": []},
+            "logprobs": null,
+            "finish_reason": finish
+        }],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    })
+}
+
+#[allow(clippy::result_large_err)] // built once per request; boxing buys nothing here
+fn validate(shared: &Shared, json: &Value) -> Result<ChatAsk, Resp> {
+    let backend = shared.backend;
+    let bad = |message: String, param: Option<&str>| {
+        error(backend, 400, bad_kind(backend), &message, param)
+    };
+    let Some(obj) = json.as_object() else {
+        return Err(bad("the request body must be a JSON object".into(), None));
+    };
+    let model = match obj.get("model") {
+        Some(Value::String(m)) => m.clone(),
+        Some(_) => return Err(bad("model must be a string".into(), Some("model"))),
+        // vLLM: optional, the first served model. LMDeploy: a required field.
+        None if backend == VlmBackend::Vllm => shared.model.clone(),
+        None => {
+            return Err(validation_error(
+                &["body", "model"],
+                "Field required",
+                "missing",
+            ));
+        }
+    };
+    if model != shared.model {
+        return Err(match backend {
+            VlmBackend::Vllm => error(
+                backend,
+                404,
+                "NotFoundError",
+                &format!("The model `{model}` does not exist."),
+                Some("model"),
+            ),
+            _ => error(
+                backend,
+                404,
+                "not_found_error",
+                &format!("The model '{model}' does not exist."),
+                None,
+            ),
+        });
+    }
+    let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let stream_options = obj.get("stream_options").filter(|v| !v.is_null());
+    if stream_options.is_some() && !stream && backend == VlmBackend::Vllm {
+        return Err(bad(
+            "Stream options can only be defined when `stream=True`.".into(),
+            Some("stream_options"),
+        ));
+    }
+    let include_usage = stream_options
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let max_tokens = match obj
+        .get("max_tokens")
+        .or_else(|| obj.get("max_completion_tokens"))
+    {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(n) if n >= 1 => Some(n),
+            _ => {
+                return Err(bad(
+                    format!("max_tokens must be at least 1, got {v}"),
+                    Some("max_tokens"),
+                ));
+            }
+        },
+    };
+    let Some(messages) = obj.get("messages").and_then(Value::as_array) else {
+        return Err(match backend {
+            VlmBackend::LmDeploy => {
+                validation_error(&["body", "messages"], "Field required", "missing")
+            }
+            _ => bad(
+                "messages must be a non-empty list of messages".into(),
+                Some("messages"),
+            ),
+        });
+    };
+    if messages.is_empty() {
+        return Err(bad(
+            "messages must be a non-empty list of messages".into(),
+            Some("messages"),
+        ));
+    }
+    let mut images = Vec::new();
+    let mut prompt_chars = 0;
+    for (i, message) in messages.iter().enumerate() {
+        let role = message.get("role").and_then(Value::as_str);
+        if !matches!(
+            role,
+            Some("system" | "user" | "assistant" | "developer" | "tool")
+        ) {
+            return Err(bad(
+                format!("messages[{i}].role must be system, user, assistant, developer or tool"),
+                Some("messages"),
+            ));
+        }
+        match message.get("content") {
+            Some(Value::String(text)) => prompt_chars += text.chars().count(),
+            Some(Value::Array(parts)) => {
+                for (j, part) in parts.iter().enumerate() {
+                    match part.get("type").and_then(Value::as_str) {
+                        Some("text") => match part.get("text").and_then(Value::as_str) {
+                            Some(text) => prompt_chars += text.chars().count(),
+                            None => {
+                                return Err(bad(
+                                    format!("messages[{i}].content[{j}].text must be a string"),
+                                    Some("messages"),
+                                ));
+                            }
+                        },
+                        Some("image_url") => {
+                            let url = part
+                                .get("image_url")
+                                .and_then(|u| u.get("url"))
+                                .and_then(Value::as_str)
+                                .ok_or_else(|| bad(format!("messages[{i}].content[{j}].image_url.url must be a string"), Some("messages")))?;
+                            images.push(decode_data_url(url).map_err(|e| {
+                                bad(format!("messages[{i}].content[{j}]: {e}"), Some("messages"))
+                            })?);
+                        }
+                        other => {
+                            return Err(bad(
+                                format!(
+                                    "messages[{i}].content[{j}] has unsupported type {other:?}; expected \"text\" or \"image_url\""
+                                ),
+                                Some("messages"),
+                            ));
+                        }
+                    }
+                }
+            }
+            Some(Value::Null) | None if role == Some("assistant") => {}
+            _ => {
+                return Err(bad(
+                    format!("messages[{i}].content must be a string or a list of parts"),
+                    Some("messages"),
+                ));
+            }
+        }
+    }
+    Ok(ChatAsk {
+        model,
+        images,
+        prompt_chars,
+        max_tokens,
+        stream,
+        include_usage,
+    })
+}
+
+/// Decodes `data:<mime>;base64,<payload>`, checking the bytes are that image type.
+fn decode_data_url(url: &str) -> Result<Vec<u8>, String> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return Err("the emulator does not fetch remote images (it has no network); send the image as a data: URL".into());
+    }
+    let rest = url.strip_prefix("data:").ok_or_else(|| {
+        format!(
+            "invalid image URL {:?}: expected data:<mime>;base64,<data>",
+            truncate(url, 40)
+        )
+    })?;
+    let (header, payload) = rest
+        .split_once(',')
+        .ok_or_else(|| "invalid data URL: no ',' before the data".to_owned())?;
+    let mime = header.strip_suffix(";base64").ok_or_else(|| {
+        format!("invalid data URL header {header:?}: only base64 data URLs are supported")
+    })?;
+    let declared =
+        ImageMime::from_mime_str(mime).ok_or_else(|| format!("unsupported image type {mime:?}"))?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(payload)
+        .map_err(|e| format!("invalid base64 in the image data URL: {e}"))?;
+    match ImageMime::detect(&bytes) {
+        Some(found) if found == declared => Ok(bytes),
+        Some(found) => Err(format!(
+            "declared {mime} but the bytes are {}",
+            found.as_str()
+        )),
+        None => Err(format!(
+            "cannot identify image file: the {mime} data is not an image"
+        )),
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+/// Headers promising a longer body than is sent, part of it, then the connection closes.
+fn dropped_mid_body() -> Resp {
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let _ = tx.send(Ok(Bytes::from_static(b"{\"id\":\"chatcmpl-cut\",\"object\":\"chat.completion\",\"choices\":[{\"message\":{\"content\":\"half"))).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _ = tx
+            .send(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "emulator dropped the connection mid-body",
+            )))
+            .await;
+    });
+    let mut resp = Response::new(Body::Channel(rx));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from_static("4096"));
+    resp
+}
+
+/// SSE framed as vLLM and LMDeploy frame it.
+fn stream(
+    shared: &Shared,
+    ask: &ChatAsk,
+    words: &[&str],
+    finish: &str,
+    prompt: u64,
+    completion: u64,
+) -> Resp {
+    let n = shared.counter.fetch_add(1, Ordering::Relaxed);
+    let id = format!("chatcmpl-emulator-{n}");
+    let created = now();
+    let model = ask.model.clone();
+    let chunk = move |delta: Value, finish: Option<&str>| {
+        json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]
+        })
+    };
+    let mut events: Vec<String> = Vec::new();
+    events.push(format!(
+        "data: {}\n\n",
+        chunk(json!({"role": "assistant", "content": ""}), None)
+    ));
+    if shared.backend == VlmBackend::Vllm {
+        events.push(": keep-alive\n\n".to_owned());
+    }
+    for (i, word) in words.iter().enumerate() {
+        let last = i + 1 == words.len();
+        events.push(format!(
+            "data: {}\n\n",
+            chunk(json!({"content": word}), last.then_some(finish))
+        ));
+    }
+    if words.is_empty() {
+        events.push(format!("data: {}\n\n", chunk(json!({}), Some(finish))));
+    }
+    if ask.include_usage {
+        let usage = json!({
+            "id": format!("chatcmpl-emulator-{n}"), "object": "chat.completion.chunk", "created": created,
+            "model": ask.model, "choices": [],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        });
+        events.push(format!("data: {usage}\n\n"));
+    }
+    events.push("data: [DONE]\n\n".to_owned());
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        for event in events {
+            if tx.send(Ok(Bytes::from(event))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut resp = Response::new(Body::Channel(rx));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    resp
+}
+
+fn triton(shared: &Shared, method: &str, path: &str) -> Resp {
+    let not_found = |m: &str| {
+        json_response(
+            404,
+            &json!({"error": format!("Request for unknown model: '{m}' is not found")}),
+        )
+    };
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        ("GET", ["v2", "health", "live"]) | ("GET", ["v2", "health", "ready"]) => {
+            empty_response(200)
+        }
+        ("GET", ["v2"]) => json_response(
+            200,
+            &json!({"name": "triton", "version": "2.62.0", "extensions": [
+                "classification", "sequence", "model_repository", "model_repository(unload_dependents)",
+                "schedule_policy", "model_configuration", "system_shared_memory", "cuda_shared_memory",
+                "binary_tensor_data", "parameters", "statistics", "trace", "logging", "generate"]}),
+        ),
+        ("GET", ["v2", "models", m, "ready"]) => {
+            if *m == shared.model {
+                empty_response(200)
+            } else {
+                not_found(m)
+            }
+        }
+        ("GET", ["v2", "models", m]) => {
+            if *m == shared.model {
+                json_response(
+                    200,
+                    &json!({
+                        "name": m, "versions": ["1"], "platform": "ensemble",
+                        "inputs": [
+                            {"name": "text_input", "datatype": "BYTES", "shape": [-1, 1]},
+                            {"name": "image_url_input", "datatype": "BYTES", "shape": [-1, 1]},
+                            {"name": "max_tokens", "datatype": "INT32", "shape": [-1, 1]}
+                        ],
+                        "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1, 1]}]
+                    }),
+                )
+            } else {
+                not_found(m)
+            }
+        }
+        ("POST", ["v2", "repository", "index"]) => json_response(
+            200,
+            &json!([{"name": shared.model, "version": "1", "state": "READY"}]),
+        ),
+        _ => json_response(404, &json!({"error": "Not Found"})),
+    }
+}

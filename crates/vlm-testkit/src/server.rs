@@ -1,0 +1,434 @@
+//! The emulator server: a hyper HTTP/1.1 server on 127.0.0.1, one per emulated backend.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Frame;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use vlm_core::VlmBackend;
+
+use crate::routes;
+
+/// The model an emulator serves when none is given.
+pub fn default_model(backend: VlmBackend) -> &'static str {
+    match backend {
+        VlmBackend::Triton => "ensemble",
+        _ => "Qwen/Qwen2-VL-2B-Instruct",
+    }
+}
+
+/// How to start an emulator.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EmulatorConfig {
+    /// The server to emulate.
+    pub backend: VlmBackend,
+    /// The port on 127.0.0.1; 0 picks a free one.
+    pub port: u16,
+    /// The one model served.
+    pub model: String,
+    /// When set, requests must carry `Authorization: Bearer <key>` where the real server asks.
+    pub api_key: Option<String>,
+}
+
+impl EmulatorConfig {
+    /// Port 0, the backend's default model, no API key.
+    pub fn new(backend: VlmBackend) -> Self {
+        EmulatorConfig {
+            backend,
+            port: 0,
+            model: default_model(backend).to_owned(),
+            api_key: None,
+        }
+    }
+
+    /// Serves this model.
+    pub fn with_model(mut self, model: impl Into<String>) -> Self {
+        self.model = model.into();
+        self
+    }
+
+    /// Listens on this port.
+    pub fn with_port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// Requires this API key.
+    pub fn with_api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+}
+
+/// Why an emulator could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EmulatorError {
+    /// The port could not be bound (busy, or not permitted).
+    #[error(
+        "cannot listen on 127.0.0.1:{port}: {source}; choose another --port or 0 for any free one"
+    )]
+    Bind {
+        /// The port asked for.
+        port: u16,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A fault to inject into the next chat-completions call.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// Answer with this status, content type, body and extra headers.
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The `Content-Type`.
+        content_type: String,
+        /// The body.
+        body: String,
+        /// Extra headers, e.g. `Retry-After`.
+        headers: Vec<(String, String)>,
+    },
+    /// Never answer (until the client gives up or the emulator stops).
+    Hang,
+    /// Send the headers and part of the body, then close the connection.
+    DropMidBody,
+    /// LMDeploy <= 0.15: HTTP 200 whose choice has `finish_reason: "error"` and this content.
+    FinishReasonError(String),
+    /// Wait this long before answering normally.
+    Delay(Duration),
+}
+
+impl Fault {
+    /// 503 in the backend's error shape ("the server is overloaded").
+    pub fn unavailable() -> Self {
+        Fault::Status {
+            status: 503,
+            content_type: "application/json".into(),
+            body: r#"{"error":{"message":"The server is temporarily overloaded","type":"ServiceUnavailableError","param":null,"code":503}}"#.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// 429 with `Retry-After: <seconds>`.
+    pub fn rate_limited(retry_after_secs: u64) -> Self {
+        Fault::Status {
+            status: 429,
+            content_type: "application/json".into(),
+            body: r#"{"error":{"message":"Too many requests","type":"RateLimitError","param":null,"code":429}}"#.into(),
+            headers: vec![("retry-after".into(), retry_after_secs.to_string())],
+        }
+    }
+
+    /// A proxy's HTML 502 page.
+    pub fn html_bad_gateway() -> Self {
+        Fault::Status {
+            status: 502,
+            content_type: "text/html".into(),
+            body: "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx/1.25.3</center>\r\n</body>\r\n</html>\r\n".into(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// A request the emulator received.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct RecordedRequest {
+    /// `GET`, `POST`, ...
+    pub method: String,
+    /// The path, e.g. `/v1/chat/completions`.
+    pub path: String,
+    /// The headers, names lower-case, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body parsed as JSON, when it was JSON.
+    pub json: Option<Value>,
+    /// The body's length in bytes.
+    pub body_len: usize,
+}
+
+impl RecordedRequest {
+    /// The first value of a header (name case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    pub(crate) queue: VecDeque<Fault>,
+    pub(crate) delay: Duration,
+}
+
+/// State shared by the accept loop and the handlers.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) backend: VlmBackend,
+    pub(crate) model: String,
+    pub(crate) api_key: Option<String>,
+    pub(crate) faults: Mutex<Faults>,
+    pub(crate) requests: Mutex<Vec<RecordedRequest>>,
+    pub(crate) counter: std::sync::atomic::AtomicU64,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking handler must not take the emulator down with it.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A running emulator. It stops (and its port closes) when dropped.
+///
+/// ```
+/// use vlm_testkit::{Emulator, EmulatorConfig};
+/// use vlm_core::VlmBackend;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let emulator = Emulator::start(EmulatorConfig::new(VlmBackend::Vllm)).await.unwrap();
+/// assert!(emulator.base_url().starts_with("http://127.0.0.1:"));
+/// assert!(emulator.base_url().ends_with("/v1"));
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Emulator {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Emulator {
+    /// Binds 127.0.0.1 and starts serving.
+    pub async fn start(config: EmulatorConfig) -> Result<Self, EmulatorError> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, config.port))
+            .await
+            .map_err(|source| EmulatorError::Bind {
+                port: config.port,
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| EmulatorError::Bind {
+                port: config.port,
+                source,
+            })?;
+        let shared = Arc::new(Shared::new(&config));
+        let task = tokio::spawn(serve(listener, shared.clone()));
+        Ok(Emulator { addr, shared, task })
+    }
+
+    /// "Still loading": the port stays closed (connections refused, as vLLM and LMDeploy do
+    /// while loading a model) for `delay`, then the emulator starts listening on it.
+    pub async fn start_after(
+        config: EmulatorConfig,
+        delay: Duration,
+    ) -> Result<Self, EmulatorError> {
+        let port = config.port;
+        let probe = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+            .map_err(|source| EmulatorError::Bind { port, source })?;
+        let addr = probe
+            .local_addr()
+            .map_err(|source| EmulatorError::Bind { port, source })?;
+        drop(probe);
+        let shared = Arc::new(Shared::new(&config));
+        let inner = shared.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            for _ in 0..50 {
+                if let Ok(listener) = TcpListener::bind(addr).await {
+                    serve(listener, inner).await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tracing::error!("emulator could not bind {addr} after its start-up delay");
+        });
+        Ok(Emulator { addr, shared, task })
+    }
+
+    /// The value to give `--vlm-base-url`: `http://127.0.0.1:P/v1` for vLLM and LMDeploy,
+    /// `http://127.0.0.1:P` for Triton.
+    pub fn base_url(&self) -> String {
+        match self.shared.backend {
+            VlmBackend::Triton => format!("http://{}", self.addr),
+            _ => format!("http://{}/v1", self.addr),
+        }
+    }
+
+    /// The server root, `http://127.0.0.1:P`.
+    pub fn root_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The backend emulated.
+    pub fn backend(&self) -> VlmBackend {
+        self.shared.backend
+    }
+
+    /// The model served.
+    pub fn model(&self) -> &str {
+        &self.shared.model
+    }
+
+    /// Injects `fault` into the next chat-completions call (faults queue up in order).
+    pub fn push_fault(&self, fault: Fault) {
+        lock(&self.shared.faults).queue.push_back(fault);
+    }
+
+    /// Injects `fault` into each of the next `n` chat-completions calls.
+    pub fn fail_next(&self, n: usize, fault: Fault) {
+        let mut faults = lock(&self.shared.faults);
+        for _ in 0..n {
+            faults.queue.push_back(fault.clone());
+        }
+    }
+
+    /// Delays every chat-completions answer by `delay`.
+    pub fn set_delay(&self, delay: Duration) {
+        lock(&self.shared.faults).delay = delay;
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.shared.requests).clone()
+    }
+
+    /// The chat-completions requests received so far.
+    pub fn chat_requests(&self) -> Vec<RecordedRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path.ends_with("/chat/completions"))
+            .collect()
+    }
+
+    /// Forgets the recorded requests.
+    pub fn clear_requests(&self) {
+        lock(&self.shared.requests).clear();
+    }
+}
+
+impl Shared {
+    fn new(config: &EmulatorConfig) -> Self {
+        Shared {
+            backend: config.backend,
+            model: config.model.clone(),
+            api_key: config.api_key.clone().filter(|k| !k.is_empty()),
+            faults: Mutex::new(Faults::default()),
+            requests: Mutex::new(Vec::new()),
+            counter: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    // Connections live in this set: aborting the accept task aborts them all.
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!("emulator accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(routes::handle(shared, req).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("emulator connection ended: {e}");
+            }
+        });
+    }
+}
+
+/// A response body: whole, or streamed from a channel (SSE, or a body cut short).
+#[derive(Debug)]
+pub(crate) enum Body {
+    Full(Option<Bytes>),
+    Channel(mpsc::Receiver<Result<Bytes, std::io::Error>>),
+}
+
+impl Body {
+    pub(crate) fn full(bytes: impl Into<Bytes>) -> Self {
+        Body::Full(Some(bytes.into()))
+    }
+
+    pub(crate) fn empty() -> Self {
+        Body::Full(None)
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        match self.get_mut() {
+            Body::Full(bytes) => Poll::Ready(
+                bytes
+                    .take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
+            Body::Channel(rx) => rx
+                .poll_recv(cx)
+                .map(|item| item.map(|r| r.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Body::Full(None))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Body::Full(Some(b)) => http_body::SizeHint::with_exact(b.len() as u64),
+            Body::Full(None) => http_body::SizeHint::with_exact(0),
+            Body::Channel(_) => http_body::SizeHint::default(),
+        }
+    }
+}
+
+pub(crate) type Resp = Response<Body>;
