@@ -4,6 +4,10 @@
 //!   rustdoc with `-D warnings`, then the feature matrix. This is the README's test command and
 //!   what `.ci/run` runs.
 //! - `matrix`: `vlm-factory` tested with each backend feature alone, with all, and with none.
+//! - `samples`: re-makes the sample images in `assets/samples/` (deterministic).
+//! - `demo`: narrates `assets/samples` through the real `vlm` CLI against the built-in emulator.
+
+mod samples;
 
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -25,12 +29,30 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("matrix") => matrix(),
+        Some("samples") => samples::write_all(&workspace_root().join("assets/samples")),
+        Some("demo") => cargo(
+            &[
+                "run",
+                "--quiet",
+                "-p",
+                "vlm-cli",
+                "--",
+                "narrate",
+                "--emulate",
+                "assets/samples",
+            ],
+            &[],
+        ),
         Some("-h" | "--help" | "help") | None => {
-            eprintln!("usage: cargo xtask <ci | matrix>");
+            eprintln!("usage: cargo xtask <ci | matrix | samples | demo>");
             eprintln!(
                 "  ci      fmt check, clippy -D warnings, tests, rustdoc -D warnings, feature matrix"
             );
             eprintln!("  matrix  test vlm-factory with each backend feature alone, all, and none");
+            eprintln!("  samples re-make assets/samples (deterministic sample images)");
+            eprintln!(
+                "  demo    narrate assets/samples through the vlm CLI against the built-in emulator"
+            );
             return if args.is_empty() {
                 ExitCode::from(2)
             } else {
@@ -48,11 +70,19 @@ fn main() -> ExitCode {
     }
 }
 
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
+}
+
 fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
     let started = Instant::now();
     eprintln!("==> cargo {}", args.join(" "));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let status = Command::new(cargo)
+        .current_dir(workspace_root())
         .args(args)
         .envs(env.iter().copied())
         .status()

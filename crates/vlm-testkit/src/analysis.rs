@@ -111,7 +111,14 @@ impl ImageSummary {
         let look = match (self.monochrome, self.cast) {
             (true, None) => "neutral monochrome, no colour cast".to_owned(),
             (true, Some((hue, name, strength))) => {
-                format!("monochrome with a {name} cast (hue {hue:.0}°, strength {strength:.3})")
+                let article = if name.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                    "an"
+                } else {
+                    "a"
+                };
+                format!(
+                    "monochrome with {article} {name} cast (hue {hue:.0}°, strength {strength:.3})"
+                )
             }
             (false, _) => format!("colourful, not monochrome (chroma {:.2})", self.chroma),
         };

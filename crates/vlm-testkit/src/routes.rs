@@ -117,7 +117,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp 
         body_len: body.len(),
     };
     lock(&shared.requests).push(record.clone());
-    tracing::info!(backend = %shared.backend, "{method} {path} ({} bytes)", body.len());
+    tracing::debug!(backend = %shared.backend, "{method} {path} ({} bytes)", body.len());
 
     match shared.backend {
         VlmBackend::Triton => triton(&shared, &method, &path),

@@ -5,9 +5,10 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("vlm_testkit=info,warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("vlm_testkit=debug,warn")),
         )
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -1,0 +1,177 @@
+//! `vlm health`, `vlm backends`, `vlm config`, `vlm emulate`.
+
+use std::time::Duration;
+
+use clap::Args;
+use vlm_core::VlmBackend;
+use vlm_factory::{build_client, is_compiled};
+use vlm_testkit::{EmulatorArgs, run_emulator};
+
+use crate::{Exit, Failure, GlobalOpts};
+
+/// `vlm health` arguments.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// Wait up to this many seconds for a server that is still starting
+    #[arg(long, value_name = "SECONDS")]
+    wait: Option<f64>,
+}
+
+/// `vlm backends` arguments.
+#[derive(Debug, Args)]
+pub struct BackendsArgs {
+    /// Also check the live health of each backend with a configured URL or model
+    #[arg(long)]
+    check: bool,
+}
+
+/// `vlm emulate` arguments (the same as `vlm-emulator`).
+#[derive(Debug, Args)]
+pub struct EmulateArgs {
+    /// The server to emulate: vllm, lmdeploy or triton
+    #[arg(long, value_name = "BACKEND")]
+    backend: String,
+    /// Port on 127.0.0.1 (0: any free port)
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// The model served (default: Qwen/Qwen2-VL-2B-Instruct; triton: ensemble)
+    #[arg(long)]
+    model: Option<String>,
+    /// Require this API key where the real server would
+    #[arg(long)]
+    api_key: Option<String>,
+}
+
+/// `vlm health`: prints the report; exit 0 when ready, 3 otherwise.
+pub async fn health(global: &GlobalOpts, args: HealthArgs) -> Result<Exit, Failure> {
+    let settings = global.load_settings(&[])?;
+    let client = build_client(&settings)?;
+    let report = match args.wait {
+        Some(w) if w.is_finite() && w >= 0.0 => {
+            client.wait_ready(Duration::from_secs_f64(w)).await?
+        }
+        Some(w) => {
+            return Err(Failure::usage(format!(
+                "invalid --wait {w}: expected seconds >= 0"
+            )));
+        }
+        None => client.health().await?,
+    };
+    print!("{report}");
+    if report.is_ready() {
+        tracing::info!("🤖 VLM: {}/{}", client.backend(), client.model());
+        Ok(Exit::Ok)
+    } else {
+        Err(Failure {
+            exit: Exit::Server,
+            message: format!(
+                "the {} server at {} is {}: {}",
+                settings.backend,
+                client.base_url(),
+                report.state.label(),
+                report.state.reason().unwrap_or("not ready")
+            ),
+        })
+    }
+}
+
+/// `vlm backends`: one row per backend.
+pub async fn backends(global: &GlobalOpts, args: BackendsArgs) -> Result<Exit, Failure> {
+    let chosen = global.load_settings(&[])?;
+    println!(
+        "{:<9} {:<9} {:<28} {:<34} {:<28}{}",
+        "BACKEND",
+        "COMPILED",
+        "DEFAULT URL",
+        "CONFIGURED URL",
+        "CONFIGURED MODEL",
+        if args.check { " HEALTH" } else { "" }
+    );
+    for backend in VlmBackend::ALL {
+        // The same layers, with this backend chosen: its per-backend keys apply.
+        let flags = [(
+            "vlm_backend",
+            Some(backend.as_str().to_owned()),
+            "--vlm-backend",
+        )];
+        let mut scoped = global.clone();
+        scoped.vlm_backend = None;
+        let settings = scoped.load_settings(&flags)?;
+        let configured = settings.source("vlm_base_url").is_some();
+        let url = if configured {
+            settings.base_url.to_string()
+        } else {
+            "-".to_owned()
+        };
+        let model = settings.model.clone().unwrap_or_else(|| "-".to_owned());
+        let mark = if backend == chosen.backend { "*" } else { " " };
+        let mut line = format!(
+            "{:<9} {:<9} {:<28} {:<34} {:<28}",
+            format!("{backend}{mark}"),
+            if is_compiled(backend) { "yes" } else { "no" },
+            backend.default_base_url(),
+            url,
+            model
+        );
+        if args.check {
+            let status = if !(configured || settings.model.is_some() || backend == chosen.backend) {
+                "-".to_owned()
+            } else if !is_compiled(backend) {
+                "not compiled".to_owned()
+            } else {
+                match build_client(&settings) {
+                    Ok(client) => match client.health().await {
+                        Ok(report) => report.state.label().to_owned(),
+                        Err(e) => format!("error: {e}"),
+                    },
+                    Err(e) => format!("error: {e}"),
+                }
+            };
+            line.push(' ');
+            line.push_str(&status);
+        }
+        println!("{}", line.trim_end());
+    }
+    println!("(* the backend chosen by the current configuration)");
+    Ok(Exit::Ok)
+}
+
+/// `vlm config`: `key = value  # source`, keys redacted.
+pub fn config(global: &GlobalOpts) -> Result<Exit, Failure> {
+    let settings = global.load_settings(&[])?;
+    println!(
+        "# tool: {} (reads [tool.imageworks.vlm], then [tool.imageworks.{}])",
+        settings.tool, settings.tool
+    );
+    for (key, value, source) in settings.entries() {
+        let shown = match value.parse::<f64>() {
+            Ok(_) => value,
+            Err(_) if value.starts_with('(') || value == "***" => value,
+            Err(_) => format!("{value:?}"),
+        };
+        println!("{key} = {shown}  # {source}");
+    }
+    for warning in settings.warnings() {
+        println!("# warning: {warning}");
+    }
+    Ok(Exit::Ok)
+}
+
+/// `vlm emulate`: serves until killed.
+pub async fn emulate(args: EmulateArgs) -> Result<Exit, Failure> {
+    let backend = args
+        .backend
+        .parse::<VlmBackend>()
+        .map_err(|e| Failure::usage(e.to_string().replace("vlm_backend", "--backend")))?;
+    let mut emulator_args = EmulatorArgs::new(backend);
+    emulator_args.port = args.port;
+    emulator_args.model = args.model;
+    emulator_args.api_key = args.api_key;
+    run_emulator(emulator_args)
+        .await
+        .map_err(|message| Failure {
+            exit: Exit::Usage,
+            message,
+        })?;
+    Ok(Exit::Ok)
+}

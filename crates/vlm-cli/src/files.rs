@@ -1,0 +1,122 @@
+//! Finding the images to narrate.
+
+use std::path::{Path, PathBuf};
+
+/// The extensions a folder walk picks up, matched case-insensitively.
+pub const EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "gif"];
+
+/// One image to narrate: the path as the record shows it, and the path to open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Input {
+    /// As discovered: the argument joined with the walked entry, not canonicalised.
+    pub shown: String,
+    /// The path to read.
+    pub path: PathBuf,
+}
+
+fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
+/// Expands the arguments: folders are walked recursively (sorted, by extension); a file named
+/// explicitly is always attempted, whatever its name, and so is a path that does not exist (it
+/// becomes an error record, never a silent skip). Returns the inputs and warnings.
+pub fn discover(args: &[PathBuf]) -> (Vec<Input>, Vec<String>) {
+    let mut inputs = Vec::new();
+    let mut warnings = Vec::new();
+    for arg in args {
+        if arg.is_dir() {
+            let mut found = Vec::new();
+            walk(arg, &mut found, &mut warnings);
+            found.sort();
+            if found.is_empty() {
+                warnings.push(format!(
+                    "{}: no .jpg, .jpeg, .png, .webp or .gif files in this folder",
+                    arg.display()
+                ));
+            }
+            inputs.extend(found.into_iter().map(|path| Input {
+                shown: path.to_string_lossy().into_owned(),
+                path,
+            }));
+        } else {
+            inputs.push(Input {
+                shown: arg.to_string_lossy().into_owned(),
+                path: arg.clone(),
+            });
+        }
+    }
+    (inputs, warnings)
+}
+
+fn walk(dir: &Path, found: &mut Vec<PathBuf>, warnings: &mut Vec<String>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            warnings.push(format!("{}: cannot list this folder: {e}", dir.display()));
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        // Symlinked folders are not followed (no loops); symlinked files are.
+        if kind.is_dir() {
+            walk(&path, found, warnings);
+        } else if (kind.is_file() || (kind.is_symlink() && path.is_file()))
+            && has_image_extension(&path)
+        {
+            found.push(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walks_sorted_case_insensitively_and_keeps_explicit_files() {
+        let dir = std::env::temp_dir().join(format!("vlm-cli-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        for name in [
+            "b.PNG",
+            "a.jpg",
+            "notes.txt",
+            "sub/c.WebP",
+            "sub/d.gif",
+            "e.JPEG",
+        ] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        let (inputs, warnings) =
+            discover(&[dir.clone(), dir.join("notes.txt"), dir.join("missing.jpg")]);
+        let names: Vec<String> = inputs
+            .iter()
+            .map(|i| {
+                i.shown
+                    .trim_start_matches(&dir.to_string_lossy().into_owned())
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "/a.jpg",
+                "/b.PNG",
+                "/e.JPEG",
+                "/sub/c.WebP",
+                "/sub/d.gif",
+                "/notes.txt",
+                "/missing.jpg"
+            ]
+        );
+        assert!(warnings.is_empty(), "{warnings:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,237 @@
+//! `vlm`: narrate images through any vision-language model server — vLLM, LMDeploy or Triton —
+//! chosen by configuration or `--vlm-backend`.
+
+mod commands;
+mod files;
+mod narrate;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use vlm_core::VlmError;
+use vlm_factory::VlmSettings;
+
+/// The exit codes, fixed by the project's decisions (scripts rely on them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Every image succeeded, or there was nothing to do.
+    Ok = 0,
+    /// The run finished but at least one image failed.
+    SomeFailed = 1,
+    /// Usage or configuration error.
+    Usage = 2,
+    /// The server is unreachable or unhealthy at the pre-flight check.
+    Server = 3,
+    /// Unsupported: the Triton inference stub.
+    Unsupported = 4,
+    /// Interrupted (Ctrl-C).
+    Interrupted = 130,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> Self {
+        ExitCode::from(e as u8)
+    }
+}
+
+/// A failure that ends the command with an exit code and a message for stderr.
+#[derive(Debug)]
+pub struct Failure {
+    /// The exit code.
+    pub exit: Exit,
+    /// What to tell the user.
+    pub message: String,
+}
+
+impl Failure {
+    /// A usage or configuration failure (exit 2).
+    pub fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            exit: Exit::Usage,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<VlmError> for Failure {
+    fn from(e: VlmError) -> Self {
+        let exit = if e.is_config() {
+            Exit::Usage
+        } else if e.is_unsupported() {
+            Exit::Unsupported
+        } else {
+            Exit::Server
+        };
+        Failure {
+            exit,
+            message: e.to_string(),
+        }
+    }
+}
+
+const EXIT_CODES: &str = "Exit codes:
+  0    every image succeeded (or there was nothing to do)
+  1    the run finished but at least one image failed
+  2    usage or configuration error (unknown backend, backend not compiled in, bad --config,
+       output exists without --resume/--overwrite)
+  3    server unreachable or unhealthy at the pre-flight check
+  4    unsupported: Triton inference is a stub (health is checked for real first)
+  130  interrupted (Ctrl-C)";
+
+/// Narrate images through vLLM, LMDeploy or Triton — one interface, chosen by configuration.
+///
+/// Settings come from, later winning: defaults, pyproject.toml ([tool.imageworks.vlm], then
+/// [tool.imageworks.<tool>]), --config FILE, VLM_* environment variables, then these flags.
+#[derive(Debug, Parser)]
+#[command(name = "vlm", version, after_help = EXIT_CODES, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalOpts,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalOpts {
+    /// Backend: vllm (default), lmdeploy or triton [setting: vlm_backend]
+    #[arg(long, global = true, value_name = "BACKEND")]
+    pub vlm_backend: Option<String>,
+    /// Base URL of the server, e.g. http://localhost:8000/v1 [setting: vlm_base_url]
+    #[arg(long, global = true, value_name = "URL")]
+    pub vlm_base_url: Option<String>,
+    /// Model name; by default the only model the server serves [setting: vlm_model]
+    #[arg(long, global = true, value_name = "MODEL")]
+    pub vlm_model: Option<String>,
+    /// Seconds to wait for one inference [setting: vlm_timeout, default 120]
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub vlm_timeout: Option<String>,
+    /// A TOML file of vlm_* settings, read after pyproject.toml (it must exist)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The tool whose [tool.imageworks.<tool>] table is read
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        default_value = "color_narrator"
+    )]
+    pub tool: String,
+    /// More logging (-v debug, -vv trace); RUST_LOG wins when set
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less logging (errors only)
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Narrate images (files or folders): one JSON line per image
+    #[command(after_help = narrate::AFTER_HELP)]
+    Narrate(narrate::NarrateArgs),
+    /// Check the configured server and print why it is or is not ready (exit 3 if not)
+    Health(commands::HealthArgs),
+    /// List the backends: compiled in, default URL, configured URL/model, and with --check health
+    Backends(commands::BackendsArgs),
+    /// Print the resolved settings and where each came from (API keys as ***)
+    Config,
+    /// Serve a local emulator of vLLM, LMDeploy or Triton until killed
+    Emulate(commands::EmulateArgs),
+}
+
+impl GlobalOpts {
+    /// Loads the settings from every layer, with these flags (and `extra` ones) on top.
+    pub fn load_settings(
+        &self,
+        extra: &[(&str, Option<String>, &str)],
+    ) -> Result<VlmSettings, Failure> {
+        let mut loader = VlmSettings::loader().tool(&self.tool).process_env();
+        let cwd = std::env::current_dir()
+            .map_err(|e| Failure::usage(format!("cannot read the current directory: {e}")))?;
+        loader = loader.cwd(cwd);
+        if let Some(path) = &self.config {
+            loader = loader.config_file(path);
+        }
+        let flags = [
+            ("vlm_backend", self.vlm_backend.clone(), "--vlm-backend"),
+            ("vlm_base_url", self.vlm_base_url.clone(), "--vlm-base-url"),
+            ("vlm_model", self.vlm_model.clone(), "--vlm-model"),
+            ("vlm_timeout", self.vlm_timeout.clone(), "--vlm-timeout"),
+        ];
+        for (key, value, flag) in flags.iter().cloned().chain(extra.iter().cloned()) {
+            if let Some(value) = value {
+                loader = loader.set_override(key, value, flag);
+            }
+        }
+        Ok(loader.load()?)
+    }
+}
+
+fn init_tracing(global: &GlobalOpts) {
+    let default = if global.quiet {
+        "error"
+    } else {
+        match global.verbose {
+            0 => "vlm=info,vlm_cli=info,warn",
+            1 => {
+                "vlm=debug,vlm_cli=debug,vlm_core=debug,vlm_factory=debug,vlm_vllm=debug,vlm_lmdeploy=debug,vlm_triton=debug,info"
+            }
+            _ => "trace",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(filter)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                Exit::Usage.into()
+            } else {
+                Exit::Ok.into()
+            };
+        }
+    };
+    init_tracing(&cli.global);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Narrate(args) => narrate::run(&cli.global, args).await,
+            Command::Health(args) => commands::health(&cli.global, args).await,
+            Command::Backends(args) => commands::backends(&cli.global, args).await,
+            Command::Config => commands::config(&cli.global),
+            Command::Emulate(args) => commands::emulate(args).await,
+        }
+    });
+    // Do not wait for stray tasks (a hung request after a second Ctrl-C).
+    runtime.shutdown_background();
+    match result {
+        Ok(exit) => exit.into(),
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            failure.exit.into()
+        }
+    }
+}

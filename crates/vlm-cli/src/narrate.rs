@@ -1,0 +1,455 @@
+//! `vlm narrate`: one JSON line per image, written as soon as that image is done.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use sha2::{Digest, Sha256};
+use tokio::task::JoinSet;
+use vlm_core::{ImageInput, VlmBackend, VlmClient, VlmRequest};
+use vlm_factory::build_client;
+use vlm_testkit::{Emulator, EmulatorConfig, default_model};
+
+use crate::files::{Input, discover};
+use crate::output::{Previous, Record, Sink};
+use crate::{Exit, Failure, GlobalOpts};
+
+/// The colour narrator's default prompt.
+pub const DEFAULT_PROMPT: &str = "This photograph is meant to be monochrome (black and white). \
+Describe any residual colour in it: say whether it is truly neutral or carries a colour cast or \
+toning, name the hue, say where it shows (highlights, mid-tones, shadows or particular regions) \
+and how strong it is. Answer in two or three sentences.";
+
+pub const AFTER_HELP: &str =
+    "Output: one JSON object per image, one line each, written whole and flushed as that image
+finishes (in completion order), to --output or else stdout; everything else goes to stderr.
+Keys: path, sha256, backend, model, text, finish_reason, usage, latency_ms, error
+(error is null on success; on error text, finish_reason and usage are null).
+
+Resume: --resume skips images whose last record is a success for the same path and sha256,
+redoes the rest, and cuts a torn last line. An existing non-empty --output is refused without
+--resume or --overwrite.
+
+Examples:
+  vlm narrate --emulate assets/samples                 # no server needed: the built-in emulator
+  vlm narrate photos/ --output narrations.jsonl        # vLLM at http://localhost:8000/v1
+  vlm narrate photos/ --vlm-backend lmdeploy --vlm-base-url http://gpu:23333/v1 -o out.jsonl
+  vlm narrate photos/ -o out.jsonl --resume --concurrency 8 --wait 600";
+
+/// `vlm narrate` arguments.
+#[derive(Debug, Args)]
+pub struct NarrateArgs {
+    /// Image files or folders (walked recursively for .jpg .jpeg .png .webp .gif, any case)
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+    /// The prompt (default: describe residual colour in a photograph meant to be monochrome)
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from a file
+    #[arg(long, value_name = "FILE")]
+    prompt_file: Option<PathBuf>,
+    /// max_tokens per answer [setting: vlm_max_tokens, default 300]
+    #[arg(long, value_name = "N")]
+    max_tokens: Option<String>,
+    /// Sampling temperature [setting: vlm_temperature, default 0.1]
+    #[arg(long, value_name = "T")]
+    temperature: Option<String>,
+    /// Requests in flight at once
+    #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    concurrency: u32,
+    /// Write the JSONL records to this file instead of stdout
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Continue an existing --output: skip images already narrated successfully
+    #[arg(long, requires = "output", conflicts_with = "overwrite")]
+    resume: bool,
+    /// Replace an existing --output
+    #[arg(long, requires = "output")]
+    overwrite: bool,
+    /// Wait up to this many seconds for a server that is still starting
+    #[arg(long, value_name = "SECONDS")]
+    wait: Option<f64>,
+    /// Narrate against the built-in emulator of the chosen backend (answers are computed from
+    /// each image, not by a model): for demos and trying the tool without a GPU
+    #[arg(long)]
+    emulate: bool,
+}
+
+enum Outcome {
+    Record(Box<Record>),
+    Skipped,
+}
+
+struct Job {
+    client: Arc<dyn VlmClient>,
+    prompt: Arc<str>,
+    max_tokens: u32,
+    temperature: f64,
+    max_image_bytes: u64,
+    previous: Arc<Previous>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Job {
+    async fn run(&self, input: Input) -> Outcome {
+        let backend = self.client.backend().to_string();
+        let failed = |sha256: Option<String>, error: String, latency_ms: u64| {
+            Outcome::Record(Box::new(Record {
+                path: input.shown.clone(),
+                sha256,
+                backend: backend.clone(),
+                model: self.client.model().to_owned(),
+                text: None,
+                finish_reason: None,
+                usage: None,
+                latency_ms,
+                error: Some(error),
+            }))
+        };
+        let bytes = match read_limited(&input.path, self.max_image_bytes).await {
+            Ok(bytes) => bytes,
+            Err(message) => return failed(None, message, 0),
+        };
+        let sha256 = hex(&Sha256::digest(&bytes));
+        if self.previous.is_done(&input.shown, &sha256) {
+            return Outcome::Skipped;
+        }
+        let request = VlmRequest::builder(&*self.prompt)
+            .image(ImageInput::bytes(bytes))
+            .max_tokens(self.max_tokens)
+            .temperature(self.temperature)
+            .build();
+        let started = Instant::now();
+        let result = match request {
+            Ok(request) => self.client.infer_single(&request).await,
+            Err(e) => Err(e),
+        };
+        let latency_ms = started.elapsed().as_millis() as u64;
+        match result {
+            Ok(answer) => Outcome::Record(Box::new(Record {
+                path: input.shown.clone(),
+                sha256: Some(sha256),
+                backend,
+                model: answer.model,
+                text: Some(answer.text),
+                finish_reason: answer.finish_reason,
+                usage: answer.usage,
+                latency_ms,
+                error: None,
+            })),
+            Err(e) => failed(Some(sha256), e.to_string(), latency_ms),
+        }
+    }
+}
+
+/// Reads a file, refusing one over the size limit before reading it.
+async fn read_limited(path: &std::path::Path, max: u64) -> Result<Vec<u8>, String> {
+    let shown = path.display();
+    let meta = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| format!("image {shown}: cannot read it: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("image {shown}: not a regular file"));
+    }
+    if meta.len() > max {
+        return Err(format!(
+            "image {shown}: {} bytes is over the limit of {max} bytes (vlm_max_image_bytes); downscale it or raise the limit",
+            meta.len()
+        ));
+    }
+    tokio::fs::read(path)
+        .await
+        .map_err(|e| format!("image {shown}: cannot read it: {e}"))
+}
+
+fn load_prompt(args: &NarrateArgs) -> Result<String, Failure> {
+    let prompt = match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(file)) => std::fs::read_to_string(file).map_err(|e| {
+            Failure::usage(format!("cannot read --prompt-file {}: {e}", file.display()))
+        })?,
+        (None, None) => DEFAULT_PROMPT.to_owned(),
+    };
+    let prompt = prompt.trim().to_owned();
+    if prompt.is_empty() {
+        return Err(Failure::usage(
+            "the prompt is empty; give --prompt TEXT or a non-empty --prompt-file",
+        ));
+    }
+    Ok(prompt)
+}
+
+/// Runs `vlm narrate`.
+pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure> {
+    let extra = |emulator: Option<&Emulator>| {
+        vec![
+            ("vlm_max_tokens", args.max_tokens.clone(), "--max-tokens"),
+            ("vlm_temperature", args.temperature.clone(), "--temperature"),
+            (
+                "vlm_base_url",
+                emulator.map(Emulator::base_url),
+                "--emulate",
+            ),
+        ]
+    };
+    let mut settings = global.load_settings(&extra(None))?;
+    let prompt = load_prompt(&args)?;
+    if let Some(wait) = args.wait
+        && !(wait.is_finite() && wait >= 0.0)
+    {
+        return Err(Failure::usage(format!(
+            "invalid --wait {wait}: expected seconds >= 0"
+        )));
+    }
+
+    // The emulator lives as long as this run.
+    let _emulator = if args.emulate {
+        let model = settings
+            .model
+            .clone()
+            .unwrap_or_else(|| default_model(settings.backend).to_owned());
+        let emulator = Emulator::start(EmulatorConfig::new(settings.backend).with_model(model))
+            .await
+            .map_err(|e| Failure::usage(format!("cannot start the emulator: {e}")))?;
+        tracing::warn!(
+            "--emulate: talking to the built-in {} emulator at {}; its answers are computed from each image (size, mean colour, cast, sha256), not by a vision-language model",
+            settings.backend,
+            emulator.base_url()
+        );
+        settings = global.load_settings(&extra(Some(&emulator)))?;
+        Some(emulator)
+    } else {
+        None
+    };
+
+    let client = build_client(&settings)?;
+    let report = match args.wait {
+        Some(wait) => client.wait_ready(Duration::from_secs_f64(wait)).await?,
+        None => client.health().await?,
+    };
+
+    if settings.backend == VlmBackend::Triton {
+        tracing::warn!(
+            "Triton inference is a stub: the health check below is real, inference is not implemented yet"
+        );
+        eprint!("{report}");
+        let probe = VlmRequest::builder(prompt.as_str()).build()?;
+        return match client.infer_single(&probe).await {
+            Err(e) => Err(Failure {
+                exit: Exit::Unsupported,
+                message: e.to_string(),
+            }),
+            Ok(_) => Err(Failure {
+                exit: Exit::Unsupported,
+                message: "Triton inference is not supported".into(),
+            }),
+        };
+    }
+    if !report.is_ready() {
+        eprint!("{report}");
+        return Err(Failure {
+            exit: Exit::Server,
+            message: format!(
+                "the {} server at {} is {}: {}",
+                settings.backend,
+                client.base_url(),
+                report.state.label(),
+                report.state.reason().unwrap_or("not ready")
+            ),
+        });
+    }
+    tracing::info!("🤖 VLM: {}/{}", client.backend(), client.model());
+
+    let (inputs, warnings) = discover(&args.paths);
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+
+    let (mut sink, previous) = match &args.output {
+        Some(path) => crate::output::open(path, args.resume, args.overwrite)?,
+        None => (Sink::Stdout, Previous::default()),
+    };
+    if previous.torn_bytes > 0 {
+        tracing::warn!(
+            "cut a torn last line ({} bytes) from the output; that image will be redone",
+            previous.torn_bytes
+        );
+    }
+    if previous.bad_lines > 0 {
+        tracing::warn!(
+            "{} line(s) of the output are not records and were left as they are",
+            previous.bad_lines
+        );
+    }
+    let current = (client.backend().to_string(), client.model().to_owned());
+    if previous.runs.iter().any(|run| *run != current) {
+        let seen: Vec<String> = previous
+            .runs
+            .iter()
+            .map(|(b, m)| format!("{b}/{m}"))
+            .collect();
+        tracing::warn!(
+            "the output holds records from {}; this run uses {}/{}",
+            seen.join(", "),
+            current.0,
+            current.1
+        );
+    }
+
+    let total = inputs.len();
+    let job = Arc::new(Job {
+        client: client.clone(),
+        prompt: Arc::from(prompt.as_str()),
+        max_tokens: settings.max_tokens,
+        temperature: settings.temperature,
+        max_image_bytes: settings.max_image_bytes,
+        previous: Arc::new(previous),
+    });
+    let progress = (std::io::stderr().is_terminal() && !global.quiet).then(|| {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} images, {per_sec}, eta {eta}",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    });
+
+    let started = Instant::now();
+    let (mut done, mut failed, mut skipped) = (0usize, 0usize, 0usize);
+    let mut pending = inputs.into_iter();
+    let mut in_flight = JoinSet::new();
+    let mut interrupts = Interrupts::new();
+    let mut interrupted = false;
+    let mut write_error = None;
+    loop {
+        while !interrupted && write_error.is_none() && in_flight.len() < args.concurrency as usize {
+            let Some(input) = pending.next() else { break };
+            let job = job.clone();
+            in_flight.spawn(async move { job.run(input).await });
+        }
+        if in_flight.is_empty() {
+            break;
+        }
+        tokio::select! {
+            joined = in_flight.join_next() => {
+                let Some(joined) = joined else { continue };
+                match joined {
+                    Ok(Outcome::Skipped) => skipped += 1,
+                    Ok(Outcome::Record(record)) => {
+                        if let Some(error) = &record.error {
+                            failed += 1;
+                            let line = format!("{}: {error}", record.path);
+                            match &progress {
+                                Some(bar) => bar.println(format!("error: {line}")),
+                                None => tracing::error!("{line}"),
+                            }
+                        } else {
+                            done += 1;
+                        }
+                        if let Err(e) = sink.write(&record) {
+                            write_error = Some(e);
+                        }
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        tracing::error!("an image task failed: {e}");
+                    }
+                }
+                if let Some(bar) = &progress {
+                    bar.inc(1);
+                }
+            }
+            () = interrupts.next() => {
+                if interrupted {
+                    tracing::warn!("interrupted again: aborting {} request(s) in flight", in_flight.len());
+                    in_flight.abort_all();
+                    break;
+                }
+                interrupted = true;
+                tracing::warn!(
+                    "interrupted: no new requests; waiting for {} in flight (Ctrl-C again to abort)",
+                    in_flight.len()
+                );
+            }
+        }
+    }
+    if let Some(bar) = &progress {
+        bar.finish_and_clear();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let attempted = done + failed;
+    if !global.quiet {
+        eprintln!(
+            "narrated {done} of {total} image(s): {failed} failed, {skipped} skipped (already done), {} not started; {elapsed:.1} s, {:.2} images/s",
+            total - attempted - skipped,
+            if elapsed > 0.0 {
+                attempted as f64 / elapsed
+            } else {
+                0.0
+            }
+        );
+    }
+    if let Some(e) = write_error {
+        let target = match &sink {
+            Sink::File { path, .. } => path.display().to_string(),
+            Sink::Stdout => "stdout".to_owned(),
+        };
+        return Err(Failure {
+            exit: Exit::SomeFailed,
+            message: format!("cannot write to {target}: {e}; the run stopped"),
+        });
+    }
+    Ok(if interrupted {
+        Exit::Interrupted
+    } else if failed > 0 {
+        Exit::SomeFailed
+    } else {
+        Exit::Ok
+    })
+}
+
+/// SIGINT (Ctrl-C) as a stream of events.
+struct Interrupts {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Interrupts {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            Interrupts {
+                signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                    .ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            Interrupts {}
+        }
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            match &mut self.signal {
+                Some(signal) => {
+                    if signal.recv().await.is_none() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
