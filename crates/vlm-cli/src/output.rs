@@ -263,7 +263,7 @@ mod tests {
             "the last record, a failure, wins"
         );
         assert!(!previous.is_done("c.jpg", "cc"));
-        assert_eq!((previous.bad_lines, previous.torn_bytes), (1, 18));
+        assert_eq!((previous.bad_lines, previous.torn_bytes), (1, 21));
         let after = std::fs::read_to_string(&path).unwrap();
         assert!(
             after.ends_with("not json\n"),
