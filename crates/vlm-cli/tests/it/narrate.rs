@@ -1,0 +1,320 @@
+//! `vlm narrate` end to end.
+
+use vlm_core::VlmBackend;
+use vlm_testkit::{Emulator, EmulatorConfig};
+
+use crate::{records, run, sha256_prefix, stderr, vlm, workdir};
+
+async fn emulator(backend: VlmBackend) -> Emulator {
+    Emulator::start(EmulatorConfig::new(backend).with_model("test-model"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn narrates_the_samples_through_vllm_and_lmdeploy() {
+    for backend in [VlmBackend::Vllm, VlmBackend::LmDeploy] {
+        let e = emulator(backend).await;
+        let dir = workdir();
+        let mut cmd = vlm(&dir);
+        cmd.args([
+            "narrate",
+            "images",
+            "--vlm-backend",
+            backend.as_str(),
+            "--vlm-base-url",
+            &e.base_url(),
+        ]);
+        let out = run(cmd).await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{backend}: {err}");
+        assert!(
+            err.contains(&format!("🤖 VLM: {backend}/test-model")),
+            "{err}"
+        );
+        let recs = records(&String::from_utf8(out.stdout).unwrap());
+        assert_eq!(recs.len(), 5, "{backend}: one record per image");
+        for rec in &recs {
+            let path = rec["path"].as_str().unwrap();
+            assert!(path.starts_with("images/"), "{path}");
+            let prefix = sha256_prefix(&dir.join(path));
+            assert!(rec["sha256"].as_str().unwrap().starts_with(&prefix));
+            let text = rec["text"].as_str().unwrap();
+            assert!(
+                text.starts_with("[emulator]") && text.ends_with(&format!("sha256 {prefix}")),
+                "{path}: {text}"
+            );
+            assert_eq!(
+                (rec["backend"].as_str(), rec["model"].as_str()),
+                (Some(backend.as_str()), Some("test-model"))
+            );
+            assert!(
+                rec["error"].is_null()
+                    && rec["finish_reason"] == "stop"
+                    && rec["usage"]["total_tokens"].as_u64().unwrap() > 0
+            );
+            assert!(rec["latency_ms"].is_u64());
+        }
+        let mut paths: Vec<&str> = recs.iter().map(|r| r["path"].as_str().unwrap()).collect();
+        paths.sort_unstable();
+        assert_eq!(
+            paths,
+            [
+                "images/colour_market.png",
+                "images/cyanotype_harbour.png",
+                "images/green_cast_field.jpg",
+                "images/neutral_street.webp",
+                "images/sepia_portrait.jpg"
+            ]
+        );
+        assert_eq!(e.chat_requests().len(), 5);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triton_checks_health_warns_and_exits_4_with_a_working_alternative() {
+    let e = emulator(VlmBackend::Triton).await;
+    let dir = workdir();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--vlm-backend",
+        "triton",
+        "--vlm-base-url",
+        &e.base_url(),
+        "--output",
+        "out.jsonl",
+    ]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("stub"), "{err}");
+    assert!(
+        err.contains("state: ready"),
+        "the real health report is printed: {err}"
+    );
+    assert!(
+        err.contains("trtllm-serve") && err.contains("--vlm-backend vllm"),
+        "{err}"
+    );
+    let paths: Vec<String> = e.requests().iter().map(|r| r.path.clone()).collect();
+    assert!(
+        paths.contains(&"/v2/health/live".to_owned())
+            && paths.contains(&"/v2/models/test-model/ready".to_owned()),
+        "{paths:?}"
+    );
+    assert!(!dir.join("out.jsonl").exists(), "no output is opened");
+
+    // The same with no Triton running at all.
+    drop(e);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--vlm-backend",
+        "triton",
+        "--vlm-base-url",
+        &format!("http://127.0.0.1:{port}"),
+    ]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("state: unreachable") && err.contains("trtllm-serve"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_backend_exits_2_with_a_suggestion_and_unreachable_exits_3_with_the_start_command()
+{
+    let dir = workdir();
+    let mut cmd = vlm(&dir);
+    cmd.args(["narrate", "images", "--vlm-backend", "lmdepoy"]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(
+            "unknown vlm_backend \"lmdepoy\" (from --vlm-backend); did you mean \"lmdeploy\"?"
+        ),
+        "{err}"
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--vlm-backend",
+        "lmdeploy",
+        "--vlm-base-url",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains(&format!(
+            "lmdeploy serve api_server <model> --server-port {port}"
+        )),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_image_named_jpg_is_an_error_record_and_the_run_goes_on() {
+    let e = emulator(VlmBackend::Vllm).await;
+    let dir = workdir();
+    std::fs::write(dir.join("images/notes.jpg"), "this is text, not a JPEG\n").unwrap();
+    std::fs::copy(
+        dir.join("images/sepia_portrait.jpg"),
+        dir.join("images/UPPER.JPG"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("images/readme.txt"), "ignored by the walk").unwrap();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--vlm-base-url",
+        &e.base_url(),
+        "--concurrency",
+        "2",
+    ]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let recs = records(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(recs.len(), 7, "5 samples + UPPER.JPG + notes.jpg");
+    let bad = recs
+        .iter()
+        .find(|r| r["path"] == "images/notes.jpg")
+        .unwrap();
+    assert!(bad["text"].is_null() && bad["usage"].is_null() && bad["finish_reason"].is_null());
+    assert!(
+        bad["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a PNG, JPEG, WebP or GIF image: found text"),
+        "{bad}"
+    );
+    assert!(
+        recs.iter()
+            .any(|r| r["path"] == "images/UPPER.JPG" && r["error"].is_null())
+    );
+    assert!(!recs.iter().any(|r| r["path"] == "images/readme.txt"));
+    assert!(err.contains("1 failed"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_output_needs_resume_which_skips_what_is_done() {
+    let e = emulator(VlmBackend::Vllm).await;
+    let dir = workdir();
+    let narrate = |extra: &[&str]| {
+        let mut cmd = vlm(&dir);
+        cmd.args([
+            "narrate",
+            "images",
+            "--vlm-base-url",
+            &e.base_url(),
+            "--output",
+            "out.jsonl",
+        ])
+        .args(extra);
+        cmd
+    };
+    let first = run(narrate(&[])).await;
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    assert_eq!(e.chat_requests().len(), 5);
+
+    let refused = run(narrate(&[])).await;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("--resume"),
+        "{}",
+        stderr(&refused)
+    );
+
+    // A changed image and a torn last line: both are redone, nothing else.
+    std::fs::copy(
+        dir.join("images/colour_market.png"),
+        dir.join("images/sepia_portrait.jpg"),
+    )
+    .unwrap();
+    let mut content = std::fs::read_to_string(dir.join("out.jsonl")).unwrap();
+    let last = content.trim_end().rfind('\n').unwrap() + 1;
+    let torn_path = records(&content[last..])[0]["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    content.truncate(last + 30);
+    std::fs::write(dir.join("out.jsonl"), &content).unwrap();
+
+    let resumed = run(narrate(&["--resume"])).await;
+    let err = stderr(&resumed);
+    assert_eq!(resumed.status.code(), Some(0), "{err}");
+    assert!(err.contains("torn"), "{err}");
+    let recs = records(&std::fs::read_to_string(dir.join("out.jsonl")).unwrap());
+    let redone: Vec<&str> = recs[4..]
+        .iter()
+        .map(|r| r["path"].as_str().unwrap())
+        .collect();
+    let mut want = vec!["images/sepia_portrait.jpg", torn_path.as_str()];
+    want.sort_unstable();
+    want.dedup();
+    let mut got = redone.clone();
+    got.sort_unstable();
+    assert_eq!(got, want);
+    assert_eq!(e.chat_requests().len(), 5 + want.len());
+
+    let again = run(narrate(&["--resume"])).await;
+    assert_eq!(again.status.code(), Some(0));
+    assert!(stderr(&again).contains("5 skipped"), "{}", stderr(&again));
+
+    let overwrite = run(narrate(&["--overwrite"])).await;
+    assert_eq!(overwrite.status.code(), Some(0));
+    assert_eq!(
+        records(&std::fs::read_to_string(dir.join("out.jsonl")).unwrap()).len(),
+        5
+    );
+
+    // --resume needs --output: a usage error.
+    let mut cmd = vlm(&dir);
+    cmd.args(["narrate", "images", "--resume"]);
+    assert_eq!(run(cmd).await.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emulate_flag_narrates_with_no_server_and_says_so() {
+    let dir = workdir();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "--emulate",
+        "images",
+        "--vlm-backend",
+        "lmdeploy",
+    ]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("built-in lmdeploy emulator")
+            && err.contains("not by a vision-language model"),
+        "{err}"
+    );
+    assert_eq!(records(&String::from_utf8(out.stdout).unwrap()).len(), 5);
+}
