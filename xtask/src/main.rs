@@ -1,9 +1,11 @@
 //! `cargo xtask <task>`: the project's automation, in plain Rust with no dependencies.
 //!
 //! - `ci`: formatting, clippy (`-D warnings`, all targets, all features), the workspace tests,
-//!   rustdoc with `-D warnings`, then the feature matrix. This is the README's test command and
-//!   what `.ci/run` runs.
-//! - `matrix`: `vlm-factory` tested with each backend feature alone, with all, and with none.
+//!   rustdoc with `-D warnings`, the feature matrix, then `cargo deny` (licences, bans, sources)
+//!   when cargo-deny is installed. This is the README's test command and what `.ci/run` runs.
+//! - `matrix`: `vlm-factory` and `vlm-cli` tested with each backend feature alone, with all, and
+//!   with none: five explicit combinations, not a powerset.
+//! - `publish-check`: every publishable crate packages and verifies on its own.
 //! - `samples`: re-makes the sample images in `assets/samples/` (deterministic).
 //! - `demo`: narrates `assets/samples` through the real `vlm` CLI against the built-in emulator.
 
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("matrix") => matrix(),
+        Some("publish-check") => publish_check(),
         Some("samples") => samples::write_all(&workspace_root().join("assets/samples")),
         Some("demo") => cargo(
             &[
@@ -44,11 +47,12 @@ fn main() -> ExitCode {
             &[],
         ),
         Some("-h" | "--help" | "help") | None => {
-            eprintln!("usage: cargo xtask <ci | matrix | samples | demo>");
+            eprintln!("usage: cargo xtask <ci | matrix | publish-check | samples | demo>");
             eprintln!(
                 "  ci      fmt check, clippy -D warnings, tests, rustdoc -D warnings, feature matrix"
             );
-            eprintln!("  matrix  test vlm-factory with each backend feature alone, all, and none");
+            eprintln!("  matrix  test vlm-factory and vlm-cli with each backend feature alone, all, and none");
+            eprintln!("  publish-check  package and verify every publishable crate on its own");
             eprintln!("  samples re-make assets/samples (deterministic sample images)");
             eprintln!(
                 "  demo    narrate assets/samples through the vlm CLI against the built-in emulator"
@@ -116,16 +120,61 @@ fn ci() -> Result<(), String> {
         &[("RUSTDOCFLAGS", "-D warnings")],
     )?;
     matrix()?;
+    deny()?;
     eprintln!("ci passed in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
 fn matrix() -> Result<(), String> {
-    for (name, flags) in MATRIX {
-        eprintln!("--- matrix: vlm-factory with {name}");
-        let mut args = vec!["test", "-p", "vlm-factory"];
-        args.extend_from_slice(flags);
-        cargo(&args, &[])?;
+    for package in ["vlm-factory", "vlm-cli"] {
+        for (name, flags) in MATRIX {
+            eprintln!("--- matrix: {package} with {name}");
+            let mut args = vec!["test", "-p", package];
+            args.extend_from_slice(flags);
+            cargo(&args, &[])?;
+        }
     }
     Ok(())
+}
+
+/// `cargo deny check licenses bans sources` (advisories need the network's RustSec database).
+fn deny() -> Result<(), String> {
+    let installed = Command::new("cargo")
+        .args(["deny", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        if std::env::var_os("CI").is_some() {
+            return Err("cargo-deny is not installed; .ci/run installs it (cargo install --locked cargo-deny)".into());
+        }
+        eprintln!("--- skipping cargo deny: not installed (cargo install --locked cargo-deny@0.19.0)");
+        return Ok(());
+    }
+    cargo(&["deny", "--all-features", "check", "licenses", "bans", "sources"], &[])
+}
+
+/// The publishable crates in dependency order.
+const PUBLISHED: [&str; 7] = [
+    "vlm-core",
+    "vlm-vllm",
+    "vlm-lmdeploy",
+    "vlm-triton",
+    "vlm-testkit",
+    "vlm-factory",
+    "vlm-cli",
+];
+
+fn publish_check() -> Result<(), String> {
+    // `cargo package --workspace` resolves the workspace's own unpublished crates locally, so
+    // each package is built and verified from its .crate file as crates.io would.
+    let mut args = vec!["package", "--allow-dirty", "--no-verify"];
+    for p in PUBLISHED {
+        args.extend(["-p", p]);
+    }
+    cargo(&args, &[])?;
+    let mut args = vec!["package", "--allow-dirty"];
+    for p in PUBLISHED {
+        args.extend(["-p", p]);
+    }
+    cargo(&args, &[])
 }

@@ -11,6 +11,7 @@ async fn emulator(backend: VlmBackend) -> Emulator {
         .unwrap()
 }
 
+#[cfg(all(feature = "vllm", feature = "lmdeploy"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn narrates_the_samples_through_vllm_and_lmdeploy() {
     for backend in [VlmBackend::Vllm, VlmBackend::LmDeploy] {
@@ -71,6 +72,7 @@ async fn narrates_the_samples_through_vllm_and_lmdeploy() {
     }
 }
 
+#[cfg(feature = "triton")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn triton_checks_health_warns_and_exits_4_with_a_working_alternative() {
     let e = emulator(VlmBackend::Triton).await;
@@ -133,8 +135,7 @@ async fn triton_checks_health_warns_and_exits_4_with_a_working_alternative() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_backend_exits_2_with_a_suggestion_and_unreachable_exits_3_with_the_start_command()
-{
+async fn unknown_backend_exits_2_with_a_suggestion() {
     let dir = workdir();
     let mut cmd = vlm(&dir);
     cmd.args(["narrate", "images", "--vlm-backend", "lmdepoy"]);
@@ -147,7 +148,12 @@ async fn unknown_backend_exits_2_with_a_suggestion_and_unreachable_exits_3_with_
         ),
         "{err}"
     );
+}
 
+#[cfg(feature = "lmdeploy")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_server_exits_3_with_the_start_command() {
+    let dir = workdir();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -174,6 +180,34 @@ async fn unknown_backend_exits_2_with_a_suggestion_and_unreachable_exits_3_with_
     assert!(out.stdout.is_empty());
 }
 
+/// In a build without some backend, choosing it is a configuration error naming the feature.
+#[cfg(not(all(feature = "vllm", feature = "lmdeploy", feature = "triton")))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_not_compiled_in_exits_2_naming_the_feature() {
+    let missing: Vec<VlmBackend> = [
+        (VlmBackend::Vllm, cfg!(feature = "vllm")),
+        (VlmBackend::LmDeploy, cfg!(feature = "lmdeploy")),
+        (VlmBackend::Triton, cfg!(feature = "triton")),
+    ]
+    .into_iter()
+    .filter_map(|(b, on)| (!on).then_some(b))
+    .collect();
+    assert!(!missing.is_empty());
+    let dir = workdir();
+    for backend in missing {
+        let mut cmd = vlm(&dir);
+        cmd.args(["narrate", "images", "--vlm-backend", backend.as_str()]);
+        let out = run(cmd).await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{backend}: {err}");
+        assert!(
+            err.contains(&format!("rebuild with `--features {backend}`")),
+            "{err}"
+        );
+    }
+}
+
+#[cfg(feature = "vllm")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_image_named_jpg_is_an_error_record_and_the_run_goes_on() {
     let e = emulator(VlmBackend::Vllm).await;
@@ -219,6 +253,7 @@ async fn a_non_image_named_jpg_is_an_error_record_and_the_run_goes_on() {
     assert!(err.contains("1 failed"), "{err}");
 }
 
+#[cfg(feature = "vllm")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_existing_output_needs_resume_which_skips_what_is_done() {
     let e = emulator(VlmBackend::Vllm).await;
@@ -297,6 +332,7 @@ async fn an_existing_output_needs_resume_which_skips_what_is_done() {
     assert_eq!(run(cmd).await.status.code(), Some(2));
 }
 
+#[cfg(feature = "lmdeploy")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emulate_flag_narrates_with_no_server_and_says_so() {
     let dir = workdir();

@@ -6,6 +6,7 @@ use vlm_testkit::{Emulator, EmulatorConfig};
 
 use crate::{records, run, stderr, vlm, workdir};
 
+#[cfg(all(feature = "vllm", feature = "lmdeploy"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pyproject_per_backend_keys_are_honoured_the_flag_beats_them_and_env_beats_the_file() {
     let vllm =
@@ -127,8 +128,9 @@ overlay_alpha = 0.6
     );
 }
 
+#[cfg(feature = "vllm")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_of_an_unreachable_server_exits_3_and_a_missing_config_file_exits_2() {
+async fn health_of_an_unreachable_server_exits_3() {
     let dir = workdir();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -140,7 +142,11 @@ async fn health_of_an_unreachable_server_exits_3_and_a_missing_config_file_exits
     let out = run(cmd).await;
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("state: unreachable"));
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_config_file_exits_2() {
+    let dir = workdir();
     let mut cmd = vlm(&dir);
     cmd.args(["config", "--config", "missing.toml"]);
     let out = run(cmd).await;
