@@ -51,7 +51,9 @@ fn main() -> ExitCode {
             eprintln!(
                 "  ci      fmt check, clippy -D warnings, tests, rustdoc -D warnings, feature matrix"
             );
-            eprintln!("  matrix  test vlm-factory and vlm-cli with each backend feature alone, all, and none");
+            eprintln!(
+                "  matrix  test vlm-factory and vlm-cli with each backend feature alone, all, and none"
+            );
             eprintln!("  publish-check  package and verify every publishable crate on its own");
             eprintln!("  samples re-make assets/samples (deterministic sample images)");
             eprintln!(
@@ -147,10 +149,22 @@ fn deny() -> Result<(), String> {
         if std::env::var_os("CI").is_some() {
             return Err("cargo-deny is not installed; .ci/run installs it (cargo install --locked cargo-deny)".into());
         }
-        eprintln!("--- skipping cargo deny: not installed (cargo install --locked cargo-deny@0.19.0)");
+        eprintln!(
+            "--- skipping cargo deny: not installed (cargo install --locked cargo-deny@0.20.2)"
+        );
         return Ok(());
     }
-    cargo(&["deny", "--all-features", "check", "licenses", "bans", "sources"], &[])
+    cargo(
+        &[
+            "deny",
+            "--all-features",
+            "check",
+            "licenses",
+            "bans",
+            "sources",
+        ],
+        &[],
+    )
 }
 
 /// The publishable crates in dependency order.

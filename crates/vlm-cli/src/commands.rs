@@ -144,11 +144,10 @@ pub fn config(global: &GlobalOpts) -> Result<Exit, Failure> {
         settings.tool, settings.tool
     );
     for (key, value, source) in settings.entries() {
-        let shown = match value.parse::<f64>() {
-            Ok(_) => value,
-            Err(_) if value.starts_with('(') || value == "***" => value,
-            Err(_) => format!("{value:?}"),
-        };
+        let bare = value.parse::<f64>().is_ok()
+            || matches!(value.as_str(), "true" | "false" | "***")
+            || value.starts_with('(');
+        let shown = if bare { value } else { format!("{value:?}") };
         println!("{key} = {shown}  # {source}");
     }
     for warning in settings.warnings() {

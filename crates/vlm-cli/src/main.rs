@@ -108,6 +108,10 @@ pub struct GlobalOpts {
     /// Seconds to wait for one inference [setting: vlm_timeout, default 120]
     #[arg(long, global = true, value_name = "SECONDS")]
     pub vlm_timeout: Option<String>,
+    /// Retries of a failed request (connection errors, 408, 429, 5xx gateway statuses)
+    /// [setting: vlm_max_retries, default 2]
+    #[arg(long, global = true, value_name = "N")]
+    pub vlm_max_retries: Option<String>,
     /// A TOML file of vlm_* settings, read after pyproject.toml (it must exist)
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -160,6 +164,11 @@ impl GlobalOpts {
             ("vlm_base_url", self.vlm_base_url.clone(), "--vlm-base-url"),
             ("vlm_model", self.vlm_model.clone(), "--vlm-model"),
             ("vlm_timeout", self.vlm_timeout.clone(), "--vlm-timeout"),
+            (
+                "vlm_max_retries",
+                self.vlm_max_retries.clone(),
+                "--vlm-max-retries",
+            ),
         ];
         for (key, value, flag) in flags.iter().cloned().chain(extra.iter().cloned()) {
             if let Some(value) = value {

@@ -147,6 +147,9 @@ pub struct ClientConfig {
     pub health_timeout: Duration,
     /// How many times a failed request may be retried (`vlm_max_retries`).
     pub max_retries: u32,
+    /// Whether an inference that timed out is sent again (`vlm_retry_timeouts`, default off:
+    /// the server may still be generating it).
+    pub retry_timeouts: bool,
     /// The largest image accepted (`vlm_max_image_bytes`).
     pub max_image_bytes: u64,
 }
@@ -174,6 +177,7 @@ impl ClientConfig {
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             health_timeout: Self::DEFAULT_HEALTH_TIMEOUT,
             max_retries: Self::DEFAULT_MAX_RETRIES,
+            retry_timeouts: false,
             max_image_bytes: Self::DEFAULT_MAX_IMAGE_BYTES,
         })
     }
@@ -218,6 +222,12 @@ impl ClientConfig {
     /// Sets how many times a failed request may be retried.
     pub fn with_max_retries(mut self, n: u32) -> Self {
         self.max_retries = n;
+        self
+    }
+
+    /// Sets whether an inference that timed out is sent again.
+    pub fn with_retry_timeouts(mut self, on: bool) -> Self {
+        self.retry_timeouts = on;
         self
     }
 

@@ -36,6 +36,7 @@ mod image;
 pub mod openai;
 mod request;
 mod response;
+pub mod retry;
 mod text;
 pub mod transport;
 

@@ -464,7 +464,7 @@ impl OpenAiChat {
         let started = Instant::now();
         let resp = self
             .transport
-            .post_json(&url, body, self.transport.timeout)
+            .post_json_with_retries(&url, body.into(), self.transport.timeout)
             .await?;
         if !resp.is_success() {
             return Err(self.transport.http_error(&resp));

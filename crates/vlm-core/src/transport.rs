@@ -12,6 +12,7 @@ use crate::client::{ApiKey, ClientConfig, server_root};
 use crate::error::VlmError;
 use crate::health::HealthProbe;
 use crate::openai;
+use crate::retry::{RetryPolicy, parse_retry_after, retryable_status};
 use crate::text::body_snippet;
 
 /// The largest response body read (a misbehaving proxy must not exhaust memory).
@@ -28,6 +29,8 @@ pub struct RawResponse {
     pub content_type: Option<String>,
     /// The body.
     pub body: Bytes,
+    /// How long the server asked the client to wait (`retry-after-ms` or `Retry-After`).
+    pub retry_after: Option<Duration>,
 }
 
 impl RawResponse {
@@ -58,6 +61,8 @@ pub struct Transport {
     pub timeout: Duration,
     /// Timeout of each health probe.
     pub health_timeout: Duration,
+    /// How inference requests are retried.
+    pub retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for Transport {
@@ -96,6 +101,11 @@ impl Transport {
             api_key: config.api_key.clone(),
             timeout: config.timeout,
             health_timeout: config.health_timeout,
+            retry: RetryPolicy {
+                max_retries: config.max_retries,
+                retry_timeouts: config.retry_timeouts,
+                ..RetryPolicy::default()
+            },
         })
     }
 
@@ -135,7 +145,7 @@ impl Transport {
         self.send(req, url, auth, timeout).await
     }
 
-    /// Sends a POST with a JSON body (already serialised) and reads the whole body.
+    /// Sends a POST with a JSON body (already serialised) once and reads the whole body.
     pub async fn post_json(
         &self,
         url: &Url,
@@ -149,6 +159,60 @@ impl Transport {
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(body);
         self.send(req, url, Auth::Bearer, timeout).await
+    }
+
+    /// POSTs a JSON body under the [`RetryPolicy`]: connection failures and 408/429/5xx
+    /// gateway statuses are retried with backoff or after the server's `Retry-After`; a timeout
+    /// is not re-sent unless the policy says so. Returns the last answer or error.
+    pub async fn post_json_with_retries(
+        &self,
+        url: &Url,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<RawResponse, VlmError> {
+        let policy = &self.retry;
+        let mut retry = 0u32;
+        loop {
+            let result = self.post_json(url, body.clone(), timeout).await;
+            let (delay, why) = match &result {
+                Ok(resp) if resp.is_success() || !retryable_status(resp.status) => return result,
+                Ok(resp) => {
+                    let why = format!("HTTP {}", resp.status);
+                    match resp.retry_after {
+                        Some(after) if after > policy.max_retry_after => {
+                            tracing::warn!(
+                                status = resp.status,
+                                "the server asked to retry after {:.0} s, over the {:.0} s cap; not retrying",
+                                after.as_secs_f64(),
+                                policy.max_retry_after.as_secs_f64()
+                            );
+                            return result;
+                        }
+                        Some(after) => (after, why),
+                        None => (policy.backoff(retry), why),
+                    }
+                }
+                // The server may still be generating: sending it again would double the work.
+                Err(VlmError::Timeout { .. }) if !policy.retry_timeouts => return result,
+                Err(e) if e.is_retryable() => (policy.backoff(retry), openai::err_note(e)),
+                Err(_) => return result,
+            };
+            if retry >= policy.max_retries {
+                if retry > 0 {
+                    tracing::warn!("giving up on {url} after {} attempts: {why}", retry + 1);
+                }
+                return result;
+            }
+            retry += 1;
+            tracing::warn!(
+                attempt = retry + 1,
+                of = policy.max_retries + 1,
+                delay_ms = delay.as_millis() as u64,
+                "{why} from the {} server; retrying",
+                self.backend
+            );
+            tokio::time::sleep(delay).await;
+        }
     }
 
     async fn send(
@@ -174,11 +238,9 @@ impl Transport {
             .await
             .map_err(|e| self.map_send_error(e, url, timeout))?;
         let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
+        let content_type = header(CONTENT_TYPE.as_str()).map(str::to_owned);
+        let retry_after = parse_retry_after(header("retry-after-ms"), header("retry-after"));
         if let Some(len) = resp.content_length()
             && len > MAX_RESPONSE_BYTES as u64
         {
@@ -205,6 +267,7 @@ impl Transport {
             status,
             content_type,
             body: Bytes::from(body),
+            retry_after,
         })
     }
 

@@ -60,7 +60,12 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec {
         key: "vlm_max_retries",
         default: "2",
-        doc: "how many times a failed request may be retried",
+        doc: "how many times a failed request may be retried (connection errors, 408, 429, 500, 502, 503, 504)",
+    },
+    KeySpec {
+        key: "vlm_retry_timeouts",
+        default: "false",
+        doc: "whether an inference that timed out is sent again (off: the server may still be generating it)",
     },
     KeySpec {
         key: "vlm_max_tokens",
@@ -520,6 +525,8 @@ pub struct VlmSettings {
     pub connect_timeout: Duration,
     /// Retries (`vlm_max_retries`).
     pub max_retries: u32,
+    /// Whether timed-out inferences are re-sent (`vlm_retry_timeouts`).
+    pub retry_timeouts: bool,
     /// `max_tokens` for requests (`vlm_max_tokens`).
     pub max_tokens: u32,
     /// `temperature` for requests (`vlm_temperature`).
@@ -604,6 +611,11 @@ impl VlmSettings {
                 src("vlm_max_retries"),
             ),
             (
+                "vlm_retry_timeouts",
+                self.retry_timeouts.to_string(),
+                src("vlm_retry_timeouts"),
+            ),
+            (
                 "vlm_max_tokens",
                 self.max_tokens.to_string(),
                 src("vlm_max_tokens"),
@@ -628,6 +640,7 @@ impl VlmSettings {
             .with_connect_timeout(self.connect_timeout)
             .with_health_timeout(self.timeout.min(ClientConfig::DEFAULT_HEALTH_TIMEOUT))
             .with_max_retries(self.max_retries)
+            .with_retry_timeouts(self.retry_timeouts)
             .with_max_image_bytes(self.max_image_bytes);
         if let Some(model) = &self.model {
             config = config.with_model(model.clone());
@@ -757,6 +770,29 @@ fn resolve(layers: &Layers<'_>, tool: String) -> Result<VlmSettings, VlmError> {
         1 << 40,
     )?;
 
+    let retry_timeouts = match layers.plain("vlm_retry_timeouts") {
+        Some((raw, source)) => {
+            let on = match &raw {
+                Raw::Toml(Value::Bool(b)) => Some(*b),
+                other => match other
+                    .text()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_ascii_lowercase()
+                    .as_str()
+                {
+                    "true" | "1" | "yes" | "on" => Some(true),
+                    "false" | "0" | "no" | "off" => Some(false),
+                    _ => None,
+                },
+            }
+            .ok_or_else(|| invalid("vlm_retry_timeouts", &raw, &source, "true or false"))?;
+            sources.insert("vlm_retry_timeouts", source);
+            on
+        }
+        None => false,
+    };
+
     let temperature = match layers.plain("vlm_temperature") {
         Some((raw, source)) => {
             let t = number(&raw)
@@ -779,6 +815,7 @@ fn resolve(layers: &Layers<'_>, tool: String) -> Result<VlmSettings, VlmError> {
         timeout,
         connect_timeout,
         max_retries,
+        retry_timeouts,
         max_tokens,
         temperature,
         max_image_bytes,

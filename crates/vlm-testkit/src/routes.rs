@@ -115,6 +115,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp 
         headers,
         json: parsed,
         body_len: body.len(),
+        received_at: std::time::Instant::now(),
     };
     lock(&shared.requests).push(record.clone());
     tracing::debug!(backend = %shared.backend, "{method} {path} ({} bytes)", body.len());

@@ -160,6 +160,8 @@ pub struct RecordedRequest {
     pub json: Option<Value>,
     /// The body's length in bytes.
     pub body_len: usize,
+    /// When the whole request had arrived.
+    pub received_at: std::time::Instant,
 }
 
 impl RecordedRequest {
