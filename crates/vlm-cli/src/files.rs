@@ -64,12 +64,11 @@ fn walk(dir: &Path, found: &mut Vec<PathBuf>, warnings: &mut Vec<String>) {
         let Ok(kind) = entry.file_type() else {
             continue;
         };
-        // Symlinked folders are not followed (no loops); symlinked files are.
+        // Symlinked folders are not followed (no loops). Any other entry with an image extension
+        // is attempted, a dangling link included: it becomes an error record, not a silent skip.
         if kind.is_dir() {
             walk(&path, found, warnings);
-        } else if (kind.is_file() || (kind.is_symlink() && path.is_file()))
-            && has_image_extension(&path)
-        {
+        } else if has_image_extension(&path) && !(kind.is_symlink() && path.is_dir()) {
             found.push(path);
         }
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
-use vlm_core::{ImageInput, VlmBackend, VlmClient, VlmRequest};
+use vlm_core::{ImageInput, ImageMime, VlmBackend, VlmClient, VlmRequest, describe_non_image};
 use vlm_factory::build_client;
 use vlm_testkit::{Emulator, EmulatorConfig, default_model};
 
@@ -111,6 +111,16 @@ impl Job {
                 error: Some(error),
             }))
         };
+        if input.path.to_str().is_none() {
+            return failed(
+                None,
+                format!(
+                    "image {}: the path is not valid UTF-8, so its record could not name it faithfully (nor --resume match it); rename the file",
+                    input.shown
+                ),
+                0,
+            );
+        }
         let bytes = match read_limited(&input.path, self.max_image_bytes).await {
             Ok(bytes) => bytes,
             Err(message) => return failed(None, message, 0),
@@ -119,8 +129,20 @@ impl Job {
         if self.previous.is_done(&input.shown, &sha256) {
             return Outcome::Skipped;
         }
+        // Sniffed here so the error names the file, not "<N bytes in memory>".
+        let Some(mime) = ImageMime::detect(&bytes) else {
+            let found = describe_non_image(&bytes);
+            return failed(
+                Some(sha256),
+                format!(
+                    "image {}: not a PNG, JPEG, WebP or GIF image: {found}",
+                    input.shown
+                ),
+                0,
+            );
+        };
         let request = VlmRequest::builder(&*self.prompt)
-            .image(ImageInput::bytes(bytes))
+            .image(ImageInput::bytes_with_mime(bytes, mime))
             .max_tokens(self.max_tokens)
             .temperature(self.temperature)
             .build();

@@ -441,3 +441,31 @@ async fn a_bad_image_fails_before_anything_is_sent() {
     assert!(matches!(err, VlmError::Image { .. }), "{err:?}");
     chat.assert_calls_async(0).await;
 }
+
+#[tokio::test]
+async fn the_api_key_is_not_carried_to_another_host_on_a_redirect() {
+    let elsewhere = MockServer::start_async().await;
+    let landed = elsewhere
+        .mock_async(|when, then| {
+            when.method(POST).path("/v1/chat/completions").header_missing("authorization");
+            then.status(200).json_body(json!({"model": "m", "choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}));
+        })
+        .await;
+    let server = MockServer::start_async().await;
+    let target = elsewhere.url("/v1/chat/completions");
+    let redirect = server
+        .mock_async(move |when, then| {
+            when.method(POST)
+                .path("/v1/chat/completions")
+                .header("authorization", "Bearer sk-1");
+            then.status(307).header("location", target);
+        })
+        .await;
+    let answer = client(&server, Some("m"), Some("sk-1"))
+        .infer_single(&VlmRequest::builder("hi").build().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(answer.text, "ok");
+    redirect.assert_calls_async(1).await;
+    landed.assert_calls_async(1).await;
+}

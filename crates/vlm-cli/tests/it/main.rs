@@ -1,6 +1,7 @@
 //! End-to-end tests of the `vlm` binary against the testkit emulators (one test binary).
 
 mod narrate;
+mod reliability;
 mod settings;
 
 use std::path::{Path, PathBuf};
