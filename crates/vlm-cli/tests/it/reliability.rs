@@ -242,3 +242,97 @@ async fn an_api_key_never_appears_in_logs_output_or_config_even_at_trace() {
         "{err}"
     );
 }
+
+#[cfg(feature = "vllm")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_lets_requests_in_flight_finish_prints_the_summary_and_exits_130() {
+    let e = Emulator::start(EmulatorConfig::new(VlmBackend::Vllm))
+        .await
+        .unwrap();
+    e.set_delay(Duration::from_millis(600));
+    let dir = workdir();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--vlm-base-url",
+        &e.base_url(),
+        "-o",
+        "out.jsonl",
+        "--concurrency",
+        "2",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let started = Instant::now();
+    while e.chat_requests().len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(20), "no requests");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted: no new requests"), "{err}");
+    // The two in flight finished and were written; nothing new was sent.
+    let recs = records(&std::fs::read_to_string(dir.join("out.jsonl")).unwrap());
+    assert_eq!(recs.len(), 2, "{err}");
+    assert!(recs.iter().all(|r| r["error"].is_null()));
+    assert_eq!(e.chat_requests().len(), 2);
+    assert!(
+        err.contains("narrated 2 of 5 image(s): 0 failed, 0 skipped (already done), 3 not started"),
+        "{err}"
+    );
+
+    // A second Ctrl-C aborts what is in flight.
+    e.set_delay(Duration::from_secs(30));
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--vlm-base-url",
+        &e.base_url(),
+        "-o",
+        "out.jsonl",
+        "--resume",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    while e.chat_requests().len() < 5 {
+        assert!(started.elapsed() < Duration::from_secs(20), "no requests");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = child.id().to_string();
+    for _ in 0..2 {
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let aborted = Instant::now();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(
+        aborted.elapsed() < Duration::from_secs(5),
+        "the second Ctrl-C must not wait 30 s"
+    );
+    assert!(
+        stderr(&out).contains("interrupted again"),
+        "{}",
+        stderr(&out)
+    );
+}
