@@ -57,7 +57,7 @@ pub async fn health(global: &GlobalOpts, args: HealthArgs) -> Result<Exit, Failu
         }
         None => client.health().await?,
     };
-    print!("{report}");
+    crate::outln!("{}", report.to_string().trim_end());
     if report.is_ready() {
         tracing::info!("🤖 VLM: {}/{}", client.backend(), client.model());
         Ok(Exit::Ok)
@@ -78,7 +78,7 @@ pub async fn health(global: &GlobalOpts, args: HealthArgs) -> Result<Exit, Failu
 /// `vlm backends`: one row per backend.
 pub async fn backends(global: &GlobalOpts, args: BackendsArgs) -> Result<Exit, Failure> {
     let chosen = global.load_settings(&[])?;
-    println!(
+    crate::outln!(
         "{:<9} {:<9} {:<28} {:<34} {:<28}{}",
         "BACKEND",
         "COMPILED",
@@ -130,28 +130,29 @@ pub async fn backends(global: &GlobalOpts, args: BackendsArgs) -> Result<Exit, F
             line.push(' ');
             line.push_str(&status);
         }
-        println!("{}", line.trim_end());
+        crate::outln!("{}", line.trim_end());
     }
-    println!("(* the backend chosen by the current configuration)");
+    crate::outln!("(* the backend chosen by the current configuration)");
     Ok(Exit::Ok)
 }
 
 /// `vlm config`: `key = value  # source`, keys redacted.
 pub fn config(global: &GlobalOpts) -> Result<Exit, Failure> {
     let settings = global.load_settings(&[])?;
-    println!(
+    crate::outln!(
         "# tool: {} (reads [tool.imageworks.vlm], then [tool.imageworks.{}])",
-        settings.tool, settings.tool
+        settings.tool,
+        settings.tool
     );
     for (key, value, source) in settings.entries() {
         let bare = value.parse::<f64>().is_ok()
             || matches!(value.as_str(), "true" | "false" | "***")
             || value.starts_with('(');
         let shown = if bare { value } else { format!("{value:?}") };
-        println!("{key} = {shown}  # {source}");
+        crate::outln!("{key} = {shown}  # {source}");
     }
     for warning in settings.warnings() {
-        println!("# warning: {warning}");
+        crate::outln!("# warning: {warning}");
     }
     Ok(Exit::Ok)
 }

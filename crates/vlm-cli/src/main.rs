@@ -83,7 +83,7 @@ const EXIT_CODES: &str = "Exit codes:
 /// Narrate images through vLLM, LMDeploy or Triton — one interface, chosen by configuration.
 ///
 /// Settings come from, later winning: defaults, pyproject.toml ([tool.imageworks.vlm], then
-/// [tool.imageworks.<tool>]), --config FILE, VLM_* environment variables, then these flags.
+/// [tool.imageworks.TOOL]), --config FILE, VLM_* environment variables, then these flags.
 #[derive(Debug, Parser)]
 #[command(name = "vlm", version, after_help = EXIT_CODES, propagate_version = true)]
 struct Cli {
@@ -91,6 +91,23 @@ struct Cli {
     global: GlobalOpts,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Writes a line to stdout; a closed pipe (`vlm config | head -1`) ends the process quietly
+/// instead of panicking.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, $($arg)*).and_then(|()| out.flush()) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }};
 }
 
 /// Options every subcommand takes.
@@ -115,7 +132,7 @@ pub struct GlobalOpts {
     /// A TOML file of vlm_* settings, read after pyproject.toml (it must exist)
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The tool whose [tool.imageworks.<tool>] table is read
+    /// The tool whose [tool.imageworks.TOOL] table is read
     #[arg(
         long,
         global = true,

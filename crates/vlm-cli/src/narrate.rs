@@ -249,6 +249,9 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
         None
     };
 
+    if let Some(path) = &args.output {
+        crate::output::refuse_existing(path, args.resume, args.overwrite)?;
+    }
     let client = build_client(&settings)?;
     let report = match args.wait {
         Some(wait) => client.wait_ready(Duration::from_secs_f64(wait)).await?,

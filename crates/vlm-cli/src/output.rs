@@ -113,11 +113,9 @@ impl Previous {
     }
 }
 
-/// Opens the output as `--resume` / `--overwrite` say.
-pub fn open(path: &Path, resume: bool, overwrite: bool) -> Result<(Sink, Previous), Failure> {
-    let io = |what: &str, e: std::io::Error| {
-        Failure::usage(format!("cannot {what} {}: {e}", path.display()))
-    };
+/// Refuses an existing non-empty output unless `--resume` or `--overwrite` says what to do with
+/// it; checked before anything is sent.
+pub fn refuse_existing(path: &Path, resume: bool, overwrite: bool) -> Result<(), Failure> {
     let existing = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     if existing > 0 && !resume && !overwrite {
         return Err(Failure::usage(format!(
@@ -126,6 +124,16 @@ pub fn open(path: &Path, resume: bool, overwrite: bool) -> Result<(Sink, Previou
             path.display()
         )));
     }
+    Ok(())
+}
+
+/// Opens the output as `--resume` / `--overwrite` say.
+pub fn open(path: &Path, resume: bool, overwrite: bool) -> Result<(Sink, Previous), Failure> {
+    let io = |what: &str, e: std::io::Error| {
+        Failure::usage(format!("cannot {what} {}: {e}", path.display()))
+    };
+    refuse_existing(path, resume, overwrite)?;
+    let existing = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let mut previous = Previous::default();
     let file = if overwrite {
         File::create(path).map_err(|e| io("create", e))?

@@ -36,9 +36,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(vlm_testkit::run_emulator(parsed)) {
         Ok(()) => ExitCode::SUCCESS,
+        // A busy port or a bad address: a configuration error, as `vlm emulate` reports it.
         Err(message) => {
             eprintln!("vlm-emulator: {message}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }
