@@ -3,11 +3,12 @@
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use futures_util::StreamExt as _;
 use sha2::{Digest, Sha256};
-use tokio::task::JoinSet;
 use vlm_core::{ImageInput, ImageMime, VlmBackend, VlmClient, VlmRequest, describe_non_image};
 use vlm_factory::build_client;
 use vlm_testkit::{Emulator, EmulatorConfig, default_model};
@@ -71,6 +72,10 @@ pub struct NarrateArgs {
     /// Wait up to this many seconds for a server that is still starting
     #[arg(long, value_name = "SECONDS")]
     wait: Option<f64>,
+    /// Print the answer's text to stdout as it is generated (exactly one image; the record goes
+    /// to --output if given)
+    #[arg(long)]
+    stream: bool,
     /// Narrate against the built-in emulator of the chosen backend (answers are computed from
     /// each image, not by a model): for demos and trying the tool without a GPU
     #[arg(long)]
@@ -295,6 +300,16 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
         tracing::warn!("{w}");
     }
 
+    if args.stream {
+        return stream_one(
+            job_parts(&client, &prompt, &settings),
+            inputs,
+            args.output.as_deref(),
+            (args.resume, args.overwrite),
+        )
+        .await;
+    }
+
     let (mut sink, previous) = match &args.output {
         Some(path) => crate::output::open(path, args.resume, args.overwrite)?,
         None => (Sink::Stdout, Previous::default()),
@@ -347,23 +362,36 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
 
     let started = Instant::now();
     let (mut done, mut failed, mut skipped) = (0usize, 0usize, 0usize);
-    let mut pending = inputs.into_iter();
-    let mut in_flight = JoinSet::new();
+    // Bounded concurrency that pulls the next image only when there is room; clearing `intake`
+    // (Ctrl-C, an output that cannot be written) stops new work while work in flight finishes.
+    let intake = Arc::new(AtomicBool::new(true));
+    let launched = Arc::new(AtomicUsize::new(0));
+    let inputs = {
+        let intake = intake.clone();
+        inputs
+            .into_iter()
+            .take_while(move |_| intake.load(Ordering::SeqCst))
+    };
+    let results = vlm_core::batch::bounded(inputs, args.concurrency as usize, {
+        let (job, launched) = (job.clone(), launched.clone());
+        move |input| {
+            launched.fetch_add(1, Ordering::SeqCst);
+            // Spawned, so reading, hashing and encoding run on every core.
+            tokio::spawn({
+                let job = job.clone();
+                async move { job.run(input).await }
+            })
+        }
+    });
+    let mut results = std::pin::pin!(results);
     let mut interrupts = Interrupts::new();
     let mut interrupted = false;
     let mut write_error = None;
+    let in_flight = |finished: usize| launched.load(Ordering::SeqCst).saturating_sub(finished);
     loop {
-        while !interrupted && write_error.is_none() && in_flight.len() < args.concurrency as usize {
-            let Some(input) = pending.next() else { break };
-            let job = job.clone();
-            in_flight.spawn(async move { job.run(input).await });
-        }
-        if in_flight.is_empty() {
-            break;
-        }
         tokio::select! {
-            joined = in_flight.join_next() => {
-                let Some(joined) = joined else { continue };
+            joined = results.next() => {
+                let Some(joined) = joined else { break };
                 match joined {
                     Ok(Outcome::Skipped) => skipped += 1,
                     Ok(Outcome::Record(record)) => {
@@ -378,7 +406,8 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
                             done += 1;
                         }
                         if let Err(e) = sink.write(&record) {
-                            write_error = Some(e);
+                            intake.store(false, Ordering::SeqCst);
+                            write_error.get_or_insert(e);
                         }
                     }
                     Err(e) => {
@@ -391,15 +420,16 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
                 }
             }
             () = interrupts.next() => {
+                let waiting = in_flight(done + failed + skipped);
                 if interrupted {
-                    tracing::warn!("interrupted again: aborting {} request(s) in flight", in_flight.len());
-                    in_flight.abort_all();
+                    // Leaving drops the in-flight requests; the runtime is shut down on return.
+                    tracing::warn!("interrupted again: aborting {waiting} request(s) in flight");
                     break;
                 }
                 interrupted = true;
+                intake.store(false, Ordering::SeqCst);
                 tracing::warn!(
-                    "interrupted: no new requests; waiting for {} in flight (Ctrl-C again to abort)",
-                    in_flight.len()
+                    "interrupted: no new requests; waiting for {waiting} in flight (Ctrl-C again to abort)"
                 );
             }
         }
@@ -477,4 +507,117 @@ impl Interrupts {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// What a streamed narration needs.
+struct StreamParts {
+    client: Arc<dyn VlmClient>,
+    prompt: String,
+    max_tokens: u32,
+    temperature: f64,
+    max_image_bytes: u64,
+}
+
+fn job_parts(
+    client: &Arc<dyn VlmClient>,
+    prompt: &str,
+    settings: &vlm_factory::VlmSettings,
+) -> StreamParts {
+    StreamParts {
+        client: client.clone(),
+        prompt: prompt.to_owned(),
+        max_tokens: settings.max_tokens,
+        temperature: settings.temperature,
+        max_image_bytes: settings.max_image_bytes,
+    }
+}
+
+/// `--stream`: one image, its text printed as it arrives.
+async fn stream_one(
+    parts: StreamParts,
+    inputs: Vec<Input>,
+    output: Option<&std::path::Path>,
+    (resume, overwrite): (bool, bool),
+) -> Result<Exit, Failure> {
+    use std::io::Write as _;
+    let [input] = <[Input; 1]>::try_from(inputs).map_err(|inputs| {
+        Failure::usage(format!(
+            "--stream narrates exactly one image; {} were given",
+            inputs.len()
+        ))
+    })?;
+    let backend = parts.client.backend().to_string();
+    let mut record = Record {
+        path: input.shown.clone(),
+        sha256: None,
+        backend,
+        model: parts.client.model().to_owned(),
+        text: None,
+        finish_reason: None,
+        usage: None,
+        latency_ms: 0,
+        error: None,
+    };
+    let started = Instant::now();
+    let outcome: Result<(), String> = async {
+        let bytes = read_limited(&input.path, parts.max_image_bytes).await?;
+        record.sha256 = Some(hex(&Sha256::digest(&bytes)));
+        let mime = ImageMime::detect(&bytes).ok_or_else(|| {
+            format!(
+                "image {}: not a PNG, JPEG, WebP or GIF image: {}",
+                input.shown,
+                describe_non_image(&bytes)
+            )
+        })?;
+        let request = VlmRequest::builder(parts.prompt.as_str())
+            .image(ImageInput::bytes_with_mime(bytes, mime))
+            .max_tokens(parts.max_tokens)
+            .temperature(parts.temperature)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut events = parts
+            .client
+            .infer_stream(&request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        let mut stdout = std::io::stdout();
+        while let Some(event) = events.next().await {
+            match event.map_err(|e| e.to_string())? {
+                vlm_core::StreamEvent::Text(delta) => {
+                    text.push_str(&delta);
+                    let _ = stdout
+                        .write_all(delta.as_bytes())
+                        .and_then(|()| stdout.flush());
+                }
+                vlm_core::StreamEvent::Finish(reason) => record.finish_reason = Some(reason),
+                vlm_core::StreamEvent::Usage(usage) => record.usage = Some(usage),
+                _ => {}
+            }
+        }
+        let _ = writeln!(stdout);
+        record.text = Some(text);
+        Ok(())
+    }
+    .await;
+    record.latency_ms = started.elapsed().as_millis() as u64;
+    if let Err(e) = &outcome {
+        record.error = Some(e.clone());
+        record.text = None;
+        record.finish_reason = None;
+        record.usage = None;
+        tracing::error!("{}: {e}", input.shown);
+    }
+    if let Some(path) = output {
+        let (mut sink, _) = crate::output::open(path, resume, overwrite)?;
+        sink.write(&record).map_err(|e| Failure {
+            exit: Exit::SomeFailed,
+            message: format!("cannot write to {}: {e}", path.display()),
+        })?;
+    }
+    Ok(if outcome.is_ok() {
+        Exit::Ok
+    } else {
+        Exit::SomeFailed
+    })
 }

@@ -12,6 +12,7 @@ use crate::error::VlmError;
 use crate::health::{HealthReport, HealthState};
 use crate::request::VlmRequest;
 use crate::response::VlmResponse;
+use crate::stream::VlmStream;
 
 /// One interface to a vision-language model, whichever server hosts it.
 ///
@@ -86,6 +87,54 @@ pub trait VlmClient: Send + Sync + fmt::Debug {
 
     /// Sends one request and waits for the whole answer.
     async fn infer_single(&self, request: &VlmRequest) -> Result<VlmResponse, VlmError>;
+
+    /// Sends one request and streams the answer as it is generated (SSE).
+    ///
+    /// The default answers [`VlmError::Unsupported`]; vLLM and LMDeploy implement it.
+    async fn infer_stream(&self, request: &VlmRequest) -> Result<VlmStream, VlmError> {
+        let _ = request;
+        Err(VlmError::Unsupported {
+            backend: self.backend(),
+            message: format!(
+                "streaming is not supported by the {} client",
+                self.backend()
+            ),
+        })
+    }
+
+    /// Sends many requests with at most `concurrency` in flight; the results come back in the
+    /// order of `requests`, each paired with its own request whatever order they finished in.
+    async fn infer_batch(
+        &self,
+        requests: &[VlmRequest],
+        concurrency: usize,
+    ) -> Vec<Result<VlmResponse, VlmError>> {
+        use futures_util::StreamExt as _;
+        // Built before the first await: a closure held across it would make the future's
+        // `Send` bound too general for the compiler to prove.
+        let jobs: Vec<Keyed<'_>> = requests
+            .iter()
+            .enumerate()
+            .map(|(i, request)| keyed(self, i, request))
+            .collect();
+        let mut done: Vec<(usize, Result<VlmResponse, VlmError>)> =
+            futures_util::stream::iter(jobs)
+                .buffer_unordered(concurrency.max(1))
+                .collect()
+                .await;
+        done.sort_by_key(|(i, _)| *i);
+        done.into_iter().map(|(_, result)| result).collect()
+    }
+}
+
+type Keyed<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (usize, Result<VlmResponse, VlmError>)> + Send + 'a>,
+>;
+
+/// One request of a batch, tagged with its index (a named function, so the future's lifetime is
+/// tied to the client and request rather than inferred for a closure).
+fn keyed<'a, C: VlmClient + ?Sized>(client: &'a C, i: usize, request: &'a VlmRequest) -> Keyed<'a> {
+    Box::pin(async move { (i, client.infer_single(request).await) })
 }
 
 /// An API key. Its `Debug` and `Display` never show it.

@@ -29,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+pub mod batch;
 mod client;
 mod error;
 mod health;
@@ -37,6 +38,7 @@ pub mod openai;
 mod request;
 mod response;
 pub mod retry;
+pub mod stream;
 mod text;
 pub mod transport;
 
@@ -47,6 +49,7 @@ pub use health::{HealthProbe, HealthReport, HealthState};
 pub use image::{ImageInput, ImageMime, LoadedImage, describe_non_image};
 pub use request::{RESERVED_FIELDS, ResponseFormat, VlmRequest, VlmRequestBuilder};
 pub use response::{Usage, VlmResponse};
+pub use stream::{StreamEvent, VlmStream};
 
 /// Re-exported so backends and users share one version.
 pub use async_trait::async_trait;

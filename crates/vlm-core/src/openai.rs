@@ -477,6 +477,41 @@ impl OpenAiChat {
         )
     }
 
+    /// Like [`chat`](Self::chat), streamed: `"stream": true` with
+    /// `stream_options.include_usage`, each wait for the next event bounded by the timeout.
+    pub async fn chat_stream(
+        &self,
+        request: &VlmRequest,
+        model: Option<&str>,
+    ) -> Result<crate::stream::VlmStream, VlmError> {
+        request.validate()?;
+        let mut images = Vec::with_capacity(request.images.len());
+        for image in &request.images {
+            images.push(image.load(self.max_image_bytes).await?);
+        }
+        let body = build_chat_body(
+            request,
+            &images,
+            PayloadOptions {
+                model,
+                stream: true,
+            },
+        )?;
+        drop(images);
+        let url = self.transport.endpoint("chat/completions");
+        let timeout = self.transport.timeout;
+        let resp = self
+            .transport
+            .post_json_streaming(&url, body.into(), timeout)
+            .await?;
+        Ok(crate::stream::sse_events(
+            self.transport.backend(),
+            url.to_string(),
+            resp.bytes_stream(),
+            timeout,
+        ))
+    }
+
     /// `GET /v1/models`, recorded as a probe.
     pub async fn list_models(
         &self,
@@ -613,5 +648,188 @@ pub fn state_for_error(err: &VlmError, what: &str) -> HealthState {
         _ => HealthState::Unhealthy {
             reason: format!("{what} failed: {err}"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+    use serde_json::json;
+
+    use super::*;
+    use crate::image::ImageMime;
+
+    /// The reference: the same payload built the plain way, through serde_json values.
+    fn reference(request: &VlmRequest, images: &[LoadedImage], model: Option<&str>) -> Value {
+        let mut content = vec![json!({"type": "text", "text": request.prompt})];
+        for image in images {
+            let url = match image {
+                LoadedImage::Inline { data, mime } => format!(
+                    "data:{};base64,{}",
+                    mime.as_str(),
+                    base64::engine::general_purpose::STANDARD.encode(data)
+                ),
+                LoadedImage::Url(u) => u.clone(),
+            };
+            content.push(json!({"type": "image_url", "image_url": {"url": url}}));
+        }
+        let mut messages = Vec::new();
+        if let Some(system) = &request.system_prompt {
+            messages.push(json!({"role": "system", "content": system}));
+        }
+        messages.push(json!({"role": "user", "content": content}));
+        let mut body = serde_json::Map::new();
+        if let Some(m) = model {
+            body.insert("model".into(), json!(m));
+        }
+        body.insert("messages".into(), Value::Array(messages));
+        if let Some(n) = request.max_tokens {
+            body.insert("max_tokens".into(), json!(n));
+        }
+        if let Some(t) = request.temperature {
+            body.insert("temperature".into(), json!(t));
+        }
+        if let Some(p) = request.top_p {
+            body.insert("top_p".into(), json!(p));
+        }
+        if !request.stop.is_empty() {
+            body.insert("stop".into(), json!(request.stop));
+        }
+        if let Some(seed) = request.seed {
+            body.insert("seed".into(), json!(seed));
+        }
+        if let Some(f) = &request.response_format {
+            body.insert("response_format".into(), f.to_json());
+        }
+        for (k, v) in &request.extra {
+            body.insert(k.clone(), v.clone());
+        }
+        Value::Object(body)
+    }
+
+    /// A deterministic generator of awkward strings: quotes, backslashes, every control
+    /// character, non-ASCII, astral-plane characters, and plain text.
+    struct Gen(u64);
+    impl Gen {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn string(&mut self) -> String {
+            let pieces = [
+                "\"",
+                "\\",
+                "/",
+                "é",
+                "漢字",
+                "🎞️",
+                "\u{2028}",
+                "\u{7f}",
+                "plain text ",
+                "'",
+                "{}",
+                "</script>",
+            ];
+            let len = self.next() % 40;
+            let mut s = String::new();
+            for _ in 0..len {
+                match self.next() % 4 {
+                    0 => s.push(char::from_u32((self.next() % 32) as u32).unwrap_or(' ')),
+                    1 => s.push_str(pieces[(self.next() % pieces.len() as u64) as usize]),
+                    _ => s.push(char::from(b'a' + (self.next() % 26) as u8)),
+                }
+            }
+            s
+        }
+        fn bytes(&mut self) -> Vec<u8> {
+            let len = (self.next() % 3000) as usize;
+            let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
+            v.extend((0..len).map(|_| self.next() as u8));
+            v
+        }
+    }
+
+    #[test]
+    fn the_fast_builder_matches_the_reference_for_many_awkward_inputs() {
+        let mut g = Gen(0x9E37_79B9_7F4A_7C15);
+        for case in 0..500 {
+            let mut b = VlmRequest::builder(g.string());
+            if g.next().is_multiple_of(2) {
+                b = b.system_prompt(g.string());
+            }
+            if g.next().is_multiple_of(2) {
+                b = b
+                    .max_tokens((g.next() % 4000 + 1) as u32)
+                    .temperature((g.next() % 200) as f64 / 100.0);
+            }
+            if g.next().is_multiple_of(3) {
+                b = b.top_p(0.5).stop(g.string()).seed(g.next() as i64 >> 1);
+            }
+            if g.next().is_multiple_of(4) {
+                b = b.extra(
+                    format!("x_{}", g.string()),
+                    json!({"nested": [g.string(), 1.5, null]}),
+                );
+            }
+            if g.next().is_multiple_of(5) {
+                b = b.json_schema("out", json!({"type": "object", "title": g.string()}));
+            }
+            let request = b.build().unwrap();
+            let images: Vec<LoadedImage> = (0..g.next() % 3)
+                .map(|i| {
+                    if i == 2 {
+                        LoadedImage::Url(format!("https://example.com/{}.png", g.next()))
+                    } else {
+                        LoadedImage::Inline {
+                            data: g.bytes().into(),
+                            mime: ImageMime::Png,
+                        }
+                    }
+                })
+                .collect();
+            let model = (g.next().is_multiple_of(2)).then(|| g.string());
+            let body = build_chat_body(
+                &request,
+                &images,
+                PayloadOptions {
+                    model: model.as_deref(),
+                    stream: false,
+                },
+            )
+            .unwrap();
+            let parsed: Value =
+                serde_json::from_slice(&body).unwrap_or_else(|e| panic!("case {case}: {e}"));
+            assert_eq!(
+                parsed,
+                reference(&request, &images, model.as_deref()),
+                "case {case}"
+            );
+        }
+    }
+
+    #[test]
+    fn stream_options_are_sent_only_when_streaming() {
+        let request = VlmRequest::builder("x").build().unwrap();
+        let plain: Value = serde_json::from_slice(
+            &build_chat_body(&request, &[], PayloadOptions::default()).unwrap(),
+        )
+        .unwrap();
+        assert!(plain.get("stream").is_none() && plain.get("stream_options").is_none());
+        let streamed: Value = serde_json::from_slice(
+            &build_chat_body(
+                &request,
+                &[],
+                PayloadOptions {
+                    model: None,
+                    stream: true,
+                },
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(streamed["stream"], true);
+        assert_eq!(streamed["stream_options"], json!({"include_usage": true}));
     }
 }

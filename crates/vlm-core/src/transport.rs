@@ -215,6 +215,76 @@ impl Transport {
         }
     }
 
+    /// POSTs a JSON body for a streamed answer: waits at most `timeout` for the response
+    /// headers, decodes a non-2xx answer into an error, and returns the response whose body is
+    /// the event stream (no whole-request timeout: the caller bounds each wait for a chunk).
+    pub async fn post_json_streaming(
+        &self,
+        url: &Url,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, VlmError> {
+        let mut req = self
+            .http
+            .post(url.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(
+                reqwest::header::ACCEPT,
+                HeaderValue::from_static("text/event-stream"),
+            )
+            .body(body);
+        req = self.authorize(req, Auth::Bearer)?;
+        let resp = match tokio::time::timeout(timeout, req.send()).await {
+            Err(_) => {
+                return Err(VlmError::Timeout {
+                    backend: self.backend,
+                    url: url.to_string(),
+                    after: timeout,
+                });
+            }
+            Ok(sent) => sent.map_err(|e| self.map_send_error(e, url, timeout))?,
+        };
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = resp.bytes().await.unwrap_or_default();
+        let body = body.slice(..body.len().min(MAX_RESPONSE_BYTES));
+        Err(self.http_error(&RawResponse {
+            url: url.clone(),
+            status,
+            content_type,
+            body,
+            retry_after: None,
+        }))
+    }
+
+    fn authorize(
+        &self,
+        req: reqwest::RequestBuilder,
+        auth: Auth,
+    ) -> Result<reqwest::RequestBuilder, VlmError> {
+        match (auth, &self.api_key) {
+            (Auth::Bearer, Some(key)) => {
+                let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+                    .map_err(|_| {
+                        VlmError::config(
+                            "the API key contains characters not allowed in an HTTP header; \
+                             check VLM_API_KEY / vlm_<backend>_api_key",
+                        )
+                    })?;
+                value.set_sensitive(true);
+                Ok(req.header(AUTHORIZATION, value))
+            }
+            _ => Ok(req),
+        }
+    }
+
     async fn send(
         &self,
         mut req: reqwest::RequestBuilder,
@@ -222,17 +292,7 @@ impl Transport {
         auth: Auth,
         timeout: Duration,
     ) -> Result<RawResponse, VlmError> {
-        if let (Auth::Bearer, Some(key)) = (auth, &self.api_key) {
-            let mut value =
-                HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
-                    VlmError::config(
-                        "the API key contains characters not allowed in an HTTP header; check \
-                     VLM_API_KEY / vlm_<backend>_api_key",
-                    )
-                })?;
-            value.set_sensitive(true);
-            req = req.header(AUTHORIZATION, value);
-        }
+        req = self.authorize(req, auth)?;
         let mut resp = req
             .send()
             .await

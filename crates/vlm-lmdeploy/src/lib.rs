@@ -32,7 +32,7 @@ use vlm_core::openai::{OpenAiChat, err_note, json_string_field, state_for_error}
 use vlm_core::transport::Transport;
 use vlm_core::{
     ClientConfig, HealthReport, HealthState, ModelSlot, Url, VlmBackend, VlmClient, VlmError,
-    VlmRequest, VlmResponse, async_trait,
+    VlmRequest, VlmResponse, VlmStream, async_trait,
 };
 
 /// A client for LMDeploy's OpenAI-compatible `api_server`.
@@ -180,6 +180,11 @@ impl VlmClient for LmDeployClient {
         // LMDeploy requires `model`; an unknown one is a 404.
         let model = self.resolve_model().await?;
         self.chat.chat(request, Some(&model)).await
+    }
+
+    async fn infer_stream(&self, request: &VlmRequest) -> Result<VlmStream, VlmError> {
+        let model = self.resolve_model().await?;
+        self.chat.chat_stream(request, Some(&model)).await
     }
 }
 

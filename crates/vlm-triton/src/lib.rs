@@ -30,7 +30,7 @@ use vlm_core::openai::{err_note, json_string_field, state_for_error};
 use vlm_core::transport::{RawResponse, Transport};
 use vlm_core::{
     ClientConfig, HealthProbe, HealthReport, HealthState, ModelSlot, Url, VlmBackend, VlmClient,
-    VlmError, VlmRequest, VlmResponse, async_trait,
+    VlmError, VlmRequest, VlmResponse, VlmStream, async_trait,
 };
 
 /// What to do instead of Triton inference today; the message of the `Unsupported` error.
@@ -296,6 +296,13 @@ impl VlmClient for TritonClient {
     }
 
     async fn infer_single(&self, _request: &VlmRequest) -> Result<VlmResponse, VlmError> {
+        Err(VlmError::Unsupported {
+            backend: VlmBackend::Triton,
+            message: INFERENCE_GUIDANCE.to_owned(),
+        })
+    }
+
+    async fn infer_stream(&self, _request: &VlmRequest) -> Result<VlmStream, VlmError> {
         Err(VlmError::Unsupported {
             backend: VlmBackend::Triton,
             message: INFERENCE_GUIDANCE.to_owned(),

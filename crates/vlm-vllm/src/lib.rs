@@ -31,7 +31,7 @@ use vlm_core::openai::{OpenAiChat, err_note, json_string_field, state_for_error}
 use vlm_core::transport::Transport;
 use vlm_core::{
     ClientConfig, HealthReport, HealthState, ModelSlot, Url, VlmBackend, VlmClient, VlmError,
-    VlmRequest, VlmResponse, async_trait,
+    VlmRequest, VlmResponse, VlmStream, async_trait,
 };
 
 /// A client for vLLM's OpenAI-compatible server (`vllm serve <model>`).
@@ -133,5 +133,10 @@ impl VlmClient for VllmClient {
             self.model.adopt(&response.model);
         }
         Ok(response)
+    }
+
+    async fn infer_stream(&self, request: &VlmRequest) -> Result<VlmStream, VlmError> {
+        let model = self.model.is_known().then(|| self.model.get());
+        self.chat.chat_stream(request, model).await
     }
 }

@@ -354,3 +354,50 @@ async fn emulate_flag_narrates_with_no_server_and_says_so() {
     );
     assert_eq!(records(&String::from_utf8(out.stdout).unwrap()).len(), 5);
 }
+
+#[cfg(feature = "lmdeploy")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_prints_the_answer_as_it_arrives_and_records_it() {
+    let e = emulator(VlmBackend::LmDeploy).await;
+    let dir = workdir();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "--stream",
+        "images/sepia_portrait.jpg",
+        "--vlm-backend",
+        "lmdeploy",
+        "--vlm-base-url",
+        &e.base_url(),
+        "-o",
+        "one.jsonl",
+    ]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let prefix = sha256_prefix(&dir.join("images/sepia_portrait.jpg"));
+    assert!(
+        printed.starts_with("[emulator] 320x240 JPEG") && printed.trim_end().ends_with(&prefix),
+        "{printed}"
+    );
+    let recs = records(&std::fs::read_to_string(dir.join("one.jsonl")).unwrap());
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["text"].as_str(), Some(printed.trim_end()));
+    assert_eq!(recs[0]["finish_reason"], "stop");
+    assert!(recs[0]["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(e.chat_requests()[0].json.as_ref().unwrap()["stream"], true);
+
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "--stream",
+        "images",
+        "--vlm-backend",
+        "lmdeploy",
+        "--vlm-base-url",
+        &e.base_url(),
+    ]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--stream narrates exactly one image; 5 were given"));
+}
