@@ -6,9 +6,12 @@
 //! - `matrix`: `vlm-factory` and `vlm-cli` tested with each backend feature alone, with all, and
 //!   with none: five explicit combinations, not a powerset.
 //! - `publish-check`: every publishable crate packages and verifies on its own.
+//! - `bench [--quick]`: payload, end-to-end and memory benchmarks, written to
+//!   docs/performance.md.
 //! - `samples`: re-makes the sample images in `assets/samples/` (deterministic).
 //! - `demo`: narrates `assets/samples` through the real `vlm` CLI against the built-in emulator.
 
+mod bench;
 mod samples;
 
 use std::process::{Command, ExitCode};
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
         Some("ci") => ci(),
         Some("matrix") => matrix(),
         Some("publish-check") => publish_check(),
+        Some("bench") => bench::run(args.iter().any(|a| a == "--quick")),
         Some("samples") => samples::write_all(&workspace_root().join("assets/samples")),
         Some("demo") => cargo(
             &[
@@ -47,7 +51,7 @@ fn main() -> ExitCode {
             &[],
         ),
         Some("-h" | "--help" | "help") | None => {
-            eprintln!("usage: cargo xtask <ci | matrix | publish-check | samples | demo>");
+            eprintln!("usage: cargo xtask <ci | matrix | publish-check | bench | samples | demo>");
             eprintln!(
                 "  ci      fmt check, clippy -D warnings, tests, rustdoc -D warnings, feature matrix"
             );
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
                 "  matrix  test vlm-factory and vlm-cli with each backend feature alone, all, and none"
             );
             eprintln!("  publish-check  package and verify every publishable crate on its own");
+            eprintln!("  bench [--quick]  payload, end-to-end and memory benchmarks -> docs/performance.md");
             eprintln!("  samples re-make assets/samples (deterministic sample images)");
             eprintln!(
                 "  demo    narrate assets/samples through the vlm CLI against the built-in emulator"
@@ -76,14 +81,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn workspace_root() -> std::path::PathBuf {
+pub(crate) fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(std::path::Path::to_path_buf)
         .unwrap_or_default()
 }
 
-fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
+pub(crate) fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
     let started = Instant::now();
     eprintln!("==> cargo {}", args.join(" "));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());

@@ -40,6 +40,9 @@ pub struct EmulateArgs {
     /// Require this API key where the real server would
     #[arg(long)]
     api_key: Option<String>,
+    /// Answer every chat request with one fixed completion (for benchmarks)
+    #[arg(long)]
+    fast: bool,
 }
 
 /// `vlm health`: prints the report; exit 0 when ready, 3 otherwise.
@@ -167,6 +170,7 @@ pub async fn emulate(args: EmulateArgs) -> Result<Exit, Failure> {
     emulator_args.port = args.port;
     emulator_args.model = args.model;
     emulator_args.api_key = args.api_key;
+    emulator_args.fast = args.fast;
     run_emulator(emulator_args)
         .await
         .map_err(|message| Failure {

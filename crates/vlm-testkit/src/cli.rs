@@ -18,6 +18,8 @@ pub struct EmulatorArgs {
     pub model: Option<String>,
     /// `--api-key K`
     pub api_key: Option<String>,
+    /// `--fast`: fixed answers, no decoding or recording (for benchmarks)
+    pub fast: bool,
 }
 
 impl EmulatorArgs {
@@ -28,17 +30,20 @@ impl EmulatorArgs {
             port: 0,
             model: None,
             api_key: None,
+            fast: false,
         }
     }
 }
 
 /// The usage text of `vlm-emulator`.
 pub const USAGE: &str =
-    "usage: vlm-emulator --backend vllm|lmdeploy|triton [--port P] [--model M] [--api-key K]
+    "usage: vlm-emulator --backend vllm|lmdeploy|triton [--port P] [--model M] [--api-key K] [--fast]
 
 Serves an emulator of that server on 127.0.0.1 until killed (SIGINT/SIGTERM exit 0).
 Prints one line on stdout: the value to give --vlm-base-url. Logs go to stderr.
-Default models: vllm and lmdeploy serve \"Qwen/Qwen2-VL-2B-Instruct\", triton serves \"ensemble\".";
+Default models: vllm and lmdeploy serve \"Qwen/Qwen2-VL-2B-Instruct\", triton serves \"ensemble\".
+--fast answers every chat request with one fixed completion, without parsing, decoding or
+recording it (for benchmarks: the server's cost stays out of the client's numbers).";
 
 /// Parses `--backend B [--port P] [--model M] [--api-key K]` (also `--flag=value`).
 pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
@@ -46,6 +51,7 @@ pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
     let mut port = 0u16;
     let mut model = None;
     let mut api_key = None;
+    let mut fast = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -54,6 +60,10 @@ pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
         };
         if matches!(flag, "-h" | "--help") {
             return Err(USAGE.to_owned());
+        }
+        if flag == "--fast" {
+            fast = true;
+            continue;
         }
         let mut value = || {
             inline
@@ -82,6 +92,7 @@ pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
         port,
         model,
         api_key,
+        fast,
     })
 }
 
@@ -95,6 +106,7 @@ pub async fn run_emulator(args: EmulatorArgs) -> Result<(), String> {
     if let Some(key) = args.api_key {
         config = config.with_api_key(key);
     }
+    config = config.with_fast(args.fast);
     let emulator = Emulator::start(config).await.map_err(|e| e.to_string())?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", emulator.base_url()).map_err(|e| e.to_string())?;

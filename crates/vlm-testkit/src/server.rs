@@ -41,6 +41,9 @@ pub struct EmulatorConfig {
     pub model: String,
     /// When set, requests must carry `Authorization: Bearer <key>` where the real server asks.
     pub api_key: Option<String>,
+    /// Fixed-answer mode for benchmarks: chat requests are read but not parsed, decoded or
+    /// recorded, and answered with one precomputed completion.
+    pub fast: bool,
 }
 
 impl EmulatorConfig {
@@ -51,6 +54,7 @@ impl EmulatorConfig {
             port: 0,
             model: default_model(backend).to_owned(),
             api_key: None,
+            fast: false,
         }
     }
 
@@ -63,6 +67,12 @@ impl EmulatorConfig {
     /// Listens on this port.
     pub fn with_port(mut self, port: u16) -> Self {
         self.port = port;
+        self
+    }
+
+    /// Fixed-answer mode (see [`EmulatorConfig::fast`]).
+    pub fn with_fast(mut self, fast: bool) -> Self {
+        self.fast = fast;
         self
     }
 
@@ -186,6 +196,7 @@ pub(crate) struct Shared {
     pub(crate) backend: VlmBackend,
     pub(crate) model: String,
     pub(crate) api_key: Option<String>,
+    pub(crate) fast: bool,
     pub(crate) faults: Mutex<Faults>,
     pub(crate) requests: Mutex<Vec<RecordedRequest>>,
     pub(crate) counter: std::sync::atomic::AtomicU64,
@@ -342,6 +353,7 @@ impl Shared {
             backend: config.backend,
             model: config.model.clone(),
             api_key: config.api_key.clone().filter(|k| !k.is_empty()),
+            fast: config.fast,
             faults: Mutex::new(Faults::default()),
             requests: Mutex::new(Vec::new()),
             counter: std::sync::atomic::AtomicU64::new(0),
