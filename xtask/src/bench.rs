@@ -33,21 +33,31 @@ fn start_server(bin: &Path) -> Result<Server, String> {
         .map_err(|e| format!("cannot start vlm-emulator: {e}"))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
-    Ok(Server { child, url: line.trim().to_owned() })
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    Ok(Server {
+        child,
+        url: line.trim().to_owned(),
+    })
 }
 
 /// A noisy photograph-like JPEG of about `target` bytes.
 fn make_jpeg(path: &Path, target: usize) -> Result<usize, String> {
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut best = Vec::new();
-    for side in [360u32, 400, 440, 480, 520, 560, 600, 640] {
+    for side in (200u32..=1200).step_by(20) {
         let img = RgbImage::from_fn(side, side * 3 / 4, |x, y| {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
-            let n = (state & 0x3F) as u8;
-            Rgb([((x + y) % 200) as u8 + n / 2, (y % 180) as u8 + n / 3, (x % 160) as u8 + n / 4])
+            // Fine grain, as in a scanned print: JPEG cannot squeeze it away.
+            let n = (state & 0x7F) as u8;
+            Rgb([
+                ((x + y) % 128) as u8 + n,
+                (y % 128) as u8 + n,
+                (x % 128) as u8 + n / 2,
+            ])
         });
         let mut out = Vec::new();
         image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85)
@@ -69,8 +79,15 @@ fn make_small_images(dir: &Path, count: usize) -> Result<(), String> {
     }
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     for i in 0..count {
-        let img = RgbImage::from_fn(32, 24, |x, y| Rgb([(i % 251) as u8, (x * 8) as u8, (y * 10 + (i / 251) as u32) as u8]));
-        img.save_with_format(dir.join(format!("{i:05}.png")), ImageFormat::Png).map_err(|e| e.to_string())?;
+        let img = RgbImage::from_fn(32, 24, |x, y| {
+            Rgb([
+                (i % 251) as u8,
+                (x * 8) as u8,
+                (y * 10 + (i / 251) as u32) as u8,
+            ])
+        });
+        img.save_with_format(dir.join(format!("{i:05}.png")), ImageFormat::Png)
+            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -78,9 +95,13 @@ fn make_small_images(dir: &Path, count: usize) -> Result<(), String> {
 fn run_json(cmd: &mut Command) -> Result<Value, String> {
     let out = cmd.output().map_err(|e| e.to_string())?;
     if !out.status.success() {
-        return Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -96,7 +117,11 @@ fn peak_rss_kib(mut child: Child) -> Result<(u64, bool), String> {
         if let Ok(status) = std::fs::read_to_string(&status_path)
             && let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:"))
         {
-            let kib = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let kib = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             peak = peak.max(kib);
         }
         if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
@@ -119,7 +144,11 @@ fn machine() -> String {
         .unwrap_or_default()
         .lines()
         .find(|l| l.starts_with("MemTotal"))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<u64>().ok()))
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|k| k.parse::<u64>().ok())
+        })
         .map_or(0, |kib| kib / 1024 / 1024);
     let rustc = Command::new("rustc")
         .arg("--version")
@@ -130,7 +159,9 @@ fn machine() -> String {
 }
 
 fn criterion_gbps(root: &Path, function: &str, size: &str, bytes: f64) -> Option<f64> {
-    let path = root.join(format!("target/criterion/payload/{function}/{size}/new/estimates.json"));
+    let path = root.join(format!(
+        "target/criterion/payload/{function}/{size}/new/estimates.json"
+    ));
     let v: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
     let ns = v["mean"]["point_estimate"].as_f64()?;
     Some(bytes / ns) // bytes per ns = GB/s
@@ -140,7 +171,22 @@ pub fn run(quick: bool) -> Result<(), String> {
     let root = workspace_root();
     let started = Instant::now();
     cargo(
-        &["build", "--release", "-p", "vlm-testkit", "--bin", "vlm-emulator", "-p", "vlm-cli", "--bin", "vlm", "-p", "vlm-bench", "--bin", "vlm-loadgen"],
+        &[
+            "build",
+            "--release",
+            "-p",
+            "vlm-testkit",
+            "--bin",
+            "vlm-emulator",
+            "-p",
+            "vlm-cli",
+            "--bin",
+            "vlm",
+            "-p",
+            "vlm-bench",
+            "--bin",
+            "vlm-loadgen",
+        ],
         &[],
     )?;
     let bin = root.join("target/release");
@@ -154,27 +200,59 @@ pub fn run(quick: bool) -> Result<(), String> {
     // End-to-end load: rounds alternate the two clients so drift hits both alike.
     let rounds = if quick { 1 } else { 5 };
     let mut load_rows = Vec::new();
-    for (concurrency, requests) in [(1usize, if quick { 300 } else { 3000 }), (32, if quick { 1000 } else { 20000 })] {
-        let mut per_mode: Vec<(String, Vec<Value>)> = vec![("raw".into(), vec![]), ("client".into(), vec![])];
+    for (concurrency, requests) in [
+        (1usize, if quick { 300 } else { 3000 }),
+        (32, if quick { 1000 } else { 20000 }),
+    ] {
+        let mut per_mode: Vec<(String, Vec<Value>)> =
+            vec![("raw".into(), vec![]), ("client".into(), vec![])];
         for _ in 0..rounds {
             for (mode, results) in &mut per_mode {
                 let v = run_json(Command::new(bin.join("vlm-loadgen")).args([
-                    "load", "--url", &server.url, "--image", &jpeg.to_string_lossy(), "--requests", &requests.to_string(),
-                    "--concurrency", &concurrency.to_string(), "--mode", mode,
+                    "load",
+                    "--url",
+                    &server.url,
+                    "--image",
+                    &jpeg.to_string_lossy(),
+                    "--requests",
+                    &requests.to_string(),
+                    "--concurrency",
+                    &concurrency.to_string(),
+                    "--mode",
+                    mode,
                 ]))?;
                 eprintln!("{v}");
                 results.push(v);
             }
         }
         let med = |mode: &str, key: &str| {
-            let vals = per_mode.iter().find(|(m, _)| m == mode).map(|(_, r)| r.iter().filter_map(|v| v[key].as_f64()).collect::<Vec<_>>()).unwrap_or_default();
+            let vals = per_mode
+                .iter()
+                .find(|(m, _)| m == mode)
+                .map(|(_, r)| r.iter().filter_map(|v| v[key].as_f64()).collect::<Vec<_>>())
+                .unwrap_or_default();
             median(vals)
         };
-        load_rows.push((concurrency, requests, ["raw", "client"].map(|m| (med(m, "req_per_s"), med(m, "p50_ms"), med(m, "p99_ms"), med(m, "cpu_ms_per_req")))));
+        load_rows.push((
+            concurrency,
+            requests,
+            ["raw", "client"].map(|m| {
+                (
+                    med(m, "req_per_s"),
+                    med(m, "p50_ms"),
+                    med(m, "p99_ms"),
+                    med(m, "cpu_ms_per_req"),
+                )
+            }),
+        ));
     }
 
     // Extra peak memory of building one 20 MB image's body.
-    let memory = run_json(Command::new(bin.join("vlm-loadgen")).args(["payload-memory", "--size", &(20 * 1024 * 1024).to_string()]))?;
+    let memory = run_json(Command::new(bin.join("vlm-loadgen")).args([
+        "payload-memory",
+        "--size",
+        &(20 * 1024 * 1024).to_string(),
+    ]))?;
 
     // Narrator peak RSS at two library sizes.
     let mut rss_rows = Vec::new();
@@ -183,17 +261,35 @@ pub fn run(quick: bool) -> Result<(), String> {
         make_small_images(&dir, count)?;
         let out = work.join(format!("narrate-{count}.jsonl"));
         let child = Command::new(bin.join("vlm"))
-            .args(["narrate", &dir.to_string_lossy(), "--concurrency", "8", "-q", "--overwrite", "-o", &out.to_string_lossy(), "--vlm-base-url", &server.url, "--vlm-model", "fast"])
+            .args([
+                "narrate",
+                &dir.to_string_lossy(),
+                "--concurrency",
+                "8",
+                "-q",
+                "--overwrite",
+                "-o",
+                &out.to_string_lossy(),
+                "--vlm-base-url",
+                &server.url,
+                "--vlm-model",
+                "fast",
+            ])
             .env_remove("RUST_LOG")
             .spawn()
             .map_err(|e| e.to_string())?;
         let t = Instant::now();
         let (kib, ok) = peak_rss_kib(child)?;
-        let lines = std::fs::read_to_string(&out).map(|s| s.lines().count()).unwrap_or(0);
+        let lines = std::fs::read_to_string(&out)
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
         if !ok || lines != count {
             return Err(format!("narrating {count} images failed ({lines} records)"));
         }
-        eprintln!("narrate {count}: peak RSS {kib} KiB in {:.1} s", t.elapsed().as_secs_f64());
+        eprintln!(
+            "narrate {count}: peak RSS {kib} KiB in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
         rss_rows.push((count, kib, t.elapsed().as_secs_f64()));
     }
     drop(server);
@@ -204,13 +300,24 @@ pub fn run(quick: bool) -> Result<(), String> {
         args.push("--quick");
     }
     cargo(&args, &[])?;
-    let sizes = [("1KB", 1024.0), ("256KB", 256.0 * 1024.0), ("20MB", 20.0 * 1024.0 * 1024.0)];
+    let sizes = [
+        ("1KB", 1024.0),
+        ("256KB", 256.0 * 1024.0),
+        ("20MB", 20.0 * 1024.0 * 1024.0),
+    ];
 
     let mut md = String::new();
     md.push_str("# Performance\n\n");
     md.push_str("Measured by `cargo xtask bench`");
-    md.push_str(if quick { " --quick (one round, fewer requests)" } else { " (medians of five rounds)" });
-    md.push_str(&format!(" on {}. Re-run it to refresh this page; ratios compare numbers from the same run.\n\n", machine()));
+    md.push_str(if quick {
+        " --quick (one round, fewer requests)"
+    } else {
+        " (medians of five rounds)"
+    });
+    md.push_str(&format!(
+        " on {}. Re-run it to refresh this page; ratios compare numbers from the same run.\n\n",
+        machine()
+    ));
     md.push_str("## W1: end-to-end requests against a fixed-answer server\n\n");
     md.push_str(&format!(
         "The server is `vlm-emulator --fast` in its own process (it reads each body and answers one fixed completion). \
@@ -231,8 +338,10 @@ pub fn run(quick: bool) -> Result<(), String> {
     md.push_str("Criterion, `cargo bench -p vlm-core --bench payload`: `build_chat_body` (prompt escaped once, the image's base64 written by base64's SIMD engine straight into one pre-sized buffer) beside a plain copy of the image's bytes. Throughput is image bytes per second.\n\n");
     md.push_str("| image | build_chat_body GB/s | memcpy GB/s |\n|---|---|---|\n");
     for (size, bytes) in sizes {
-        let b = criterion_gbps(&root, "build_chat_body", size, bytes).map_or("-".into(), |g| format!("{g:.2}"));
-        let m = criterion_gbps(&root, "memcpy", size, bytes).map_or("-".into(), |g| format!("{g:.2}"));
+        let b = criterion_gbps(&root, "build_chat_body", size, bytes)
+            .map_or("-".into(), |g| format!("{g:.2}"));
+        let m =
+            criterion_gbps(&root, "memcpy", size, bytes).map_or("-".into(), |g| format!("{g:.2}"));
         md.push_str(&format!("| {size} | {b} | {m} |\n"));
     }
     md.push_str(&format!(
@@ -243,12 +352,21 @@ pub fn run(quick: bool) -> Result<(), String> {
     md.push_str("## W3: the narrator's memory\n\n");
     md.push_str("Peak RSS (VmHWM, polled) of `vlm narrate DIR --concurrency 8 -o out.jsonl` (release build) over generated 32×24 PNGs, against the fixed-answer server.\n\n| images | peak RSS MiB | seconds |\n|---|---|---|\n");
     for (count, kib, secs) in &rss_rows {
-        md.push_str(&format!("| {count} | {:.1} | {secs:.1} |\n", *kib as f64 / 1024.0));
+        md.push_str(&format!(
+            "| {count} | {:.1} | {secs:.1} |\n",
+            *kib as f64 / 1024.0
+        ));
     }
     if let [(_, small, _), (_, large, _)] = rss_rows.as_slice() {
-        md.push_str(&format!("\n10,000 images use **{:.2}×** the peak RSS of 2,000.\n", *large as f64 / *small as f64));
+        md.push_str(&format!(
+            "\n10,000 images use **{:.2}×** the peak RSS of 2,000.\n",
+            *large as f64 / *small as f64
+        ));
     }
-    md.push_str(&format!("\n(The whole benchmark took {:.0} s.)\n", started.elapsed().as_secs_f64()));
+    md.push_str(&format!(
+        "\n(The whole benchmark took {:.0} s.)\n",
+        started.elapsed().as_secs_f64()
+    ));
     std::fs::write(root.join("docs/performance.md"), md).map_err(|e| e.to_string())?;
     eprintln!("wrote docs/performance.md");
     Ok(())

@@ -59,7 +59,9 @@ fn main() -> ExitCode {
                 "  matrix  test vlm-factory and vlm-cli with each backend feature alone, all, and none"
             );
             eprintln!("  publish-check  package and verify every publishable crate on its own");
-            eprintln!("  bench [--quick]  payload, end-to-end and memory benchmarks -> docs/performance.md");
+            eprintln!(
+                "  bench [--quick]  payload, end-to-end and memory benchmarks -> docs/performance.md"
+            );
             eprintln!("  samples re-make assets/samples (deterministic sample images)");
             eprintln!(
                 "  demo    narrate assets/samples through the vlm CLI against the built-in emulator"

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use vlm_core::openai::{PayloadOptions, build_chat_body};
-use vlm_core::{ClientConfig, ImageInput, ImageMime, LoadedImage, VlmBackend, VlmClient, VlmRequest};
+use vlm_core::{
+    ClientConfig, ImageInput, ImageMime, LoadedImage, VlmBackend, VlmClient, VlmRequest,
+};
 
 /// Counts live heap bytes and their peak, for `payload-memory`.
 struct Counting;
@@ -42,7 +44,8 @@ unsafe impl GlobalAlloc for Counting {
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             if new_size > layout.size() {
-                let now = LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size - layout.size();
+                let now = LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size
+                    - layout.size();
                 PEAK.fetch_max(now, Ordering::Relaxed);
             } else {
                 LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
@@ -55,7 +58,8 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-const PROMPT: &str = "Describe any residual colour in this photograph, which is meant to be monochrome.";
+const PROMPT: &str =
+    "Describe any residual colour in this photograph, which is meant to be monochrome.";
 
 fn arg(args: &[String], name: &str) -> Result<String, String> {
     args.iter()
@@ -66,7 +70,9 @@ fn arg(args: &[String], name: &str) -> Result<String, String> {
 }
 
 fn number(args: &[String], name: &str) -> Result<usize, String> {
-    arg(args, name)?.parse().map_err(|_| format!("{name} must be a whole number"))
+    arg(args, name)?
+        .parse()
+        .map_err(|_| format!("{name} must be a whole number"))
 }
 
 /// CPU time (user + system) of this process so far, from /proc/self/stat.
@@ -75,7 +81,12 @@ fn cpu_time() -> Duration {
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
     Duration::from_millis((ticks(11) + ticks(12)) * 10) // USER_HZ is 100 on Linux
 }
@@ -101,23 +112,52 @@ async fn load(args: &[String]) -> Result<(), String> {
         .with_model("fast")
         .with_max_retries(0);
     let endpoint = format!("{}chat/completions", config.base_url);
-    let client: Arc<vlm_vllm::VllmClient> = Arc::new(vlm_vllm::VllmClient::new(config).map_err(|e| e.to_string())?);
-    let raw = reqwest::Client::builder().no_proxy().tcp_nodelay(true).build().map_err(|e| e.to_string())?;
+    let client: Arc<vlm_vllm::VllmClient> =
+        Arc::new(vlm_vllm::VllmClient::new(config).map_err(|e| e.to_string())?);
+    let raw = reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| e.to_string())?;
     let request = VlmRequest::builder(PROMPT)
         .image(ImageInput::bytes_with_mime(image.clone(), mime))
         .max_tokens(300)
         .build()
         .map_err(|e| e.to_string())?;
     let prebuilt = Bytes::from(
-        build_chat_body(&request, &[LoadedImage::Inline { data: image.clone(), mime }], PayloadOptions { model: Some("fast"), stream: false })
-            .map_err(|e| e.to_string())?,
+        build_chat_body(
+            &request,
+            &[LoadedImage::Inline {
+                data: image.clone(),
+                mime,
+            }],
+            PayloadOptions {
+                model: Some("fast"),
+                stream: false,
+            },
+        )
+        .map_err(|e| e.to_string())?,
     );
     let request = Arc::new(request);
 
     let one = {
-        let (client, raw, request, prebuilt, endpoint, mode) = (client.clone(), raw.clone(), request.clone(), prebuilt.clone(), endpoint.clone(), mode.clone());
+        let (client, raw, request, prebuilt, endpoint, mode) = (
+            client.clone(),
+            raw.clone(),
+            request.clone(),
+            prebuilt.clone(),
+            endpoint.clone(),
+            mode.clone(),
+        );
         move || {
-            let (client, raw, request, prebuilt, endpoint, mode) = (client.clone(), raw.clone(), request.clone(), prebuilt.clone(), endpoint.clone(), mode.clone());
+            let (client, raw, request, prebuilt, endpoint, mode) = (
+                client.clone(),
+                raw.clone(),
+                request.clone(),
+                prebuilt.clone(),
+                endpoint.clone(),
+                mode.clone(),
+            );
             async move {
                 if mode == "raw" {
                     let resp = raw
@@ -134,7 +174,11 @@ async fn load(args: &[String]) -> Result<(), String> {
                     }
                     Ok(())
                 } else {
-                    client.infer_single(&request).await.map(|_| ()).map_err(|e| e.to_string())
+                    client
+                        .infer_single(&request)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
                 }
             }
         }
@@ -188,11 +232,25 @@ fn payload_memory(args: &[String]) -> Result<(), String> {
     let size = number(args, "--size")?;
     let mut data = vec![0xFF, 0xD8, 0xFF, 0xE0];
     data.resize(size, 0x5A);
-    let loaded = [LoadedImage::Inline { data: data.into(), mime: ImageMime::Jpeg }];
-    let request = VlmRequest::builder(PROMPT).max_tokens(300).build().map_err(|e| e.to_string())?;
+    let loaded = [LoadedImage::Inline {
+        data: data.into(),
+        mime: ImageMime::Jpeg,
+    }];
+    let request = VlmRequest::builder(PROMPT)
+        .max_tokens(300)
+        .build()
+        .map_err(|e| e.to_string())?;
     let before = LIVE.load(Ordering::Relaxed);
     PEAK.store(before, Ordering::Relaxed);
-    let body = build_chat_body(&request, &loaded, PayloadOptions { model: Some("fast"), stream: false }).map_err(|e| e.to_string())?;
+    let body = build_chat_body(
+        &request,
+        &loaded,
+        PayloadOptions {
+            model: Some("fast"),
+            stream: false,
+        },
+    )
+    .map_err(|e| e.to_string())?;
     let extra = PEAK.load(Ordering::Relaxed) - before;
     println!(
         "{}",

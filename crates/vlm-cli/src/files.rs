@@ -5,13 +5,19 @@ use std::path::{Path, PathBuf};
 /// The extensions a folder walk picks up, matched case-insensitively.
 pub const EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "gif"];
 
-/// One image to narrate: the path as the record shows it, and the path to open.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One image to narrate. Only the path is kept (a library of 100,000 images holds 100,000 of
+/// these for the whole run); the record's text form is derived when needed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Input {
     /// As discovered: the argument joined with the walked entry, not canonicalised.
-    pub shown: String,
-    /// The path to read.
     pub path: PathBuf,
+}
+
+impl Input {
+    /// The path as the record shows it (lossy for a path that is not UTF-8).
+    pub fn shown(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
 }
 
 fn has_image_extension(path: &Path) -> bool {
@@ -28,30 +34,24 @@ pub fn discover(args: &[PathBuf]) -> (Vec<Input>, Vec<String>) {
     let mut warnings = Vec::new();
     for arg in args {
         if arg.is_dir() {
-            let mut found = Vec::new();
-            walk(arg, &mut found, &mut warnings);
-            found.sort();
-            if found.is_empty() {
+            // Walked straight into `inputs` and sorted in place: no second list of paths.
+            let start = inputs.len();
+            walk(arg, &mut inputs, &mut warnings);
+            inputs[start..].sort_unstable();
+            if inputs.len() == start {
                 warnings.push(format!(
                     "{}: no .jpg, .jpeg, .png, .webp or .gif files in this folder",
                     arg.display()
                 ));
             }
-            inputs.extend(found.into_iter().map(|path| Input {
-                shown: path.to_string_lossy().into_owned(),
-                path,
-            }));
         } else {
-            inputs.push(Input {
-                shown: arg.to_string_lossy().into_owned(),
-                path: arg.clone(),
-            });
+            inputs.push(Input { path: arg.clone() });
         }
     }
     (inputs, warnings)
 }
 
-fn walk(dir: &Path, found: &mut Vec<PathBuf>, warnings: &mut Vec<String>) {
+fn walk(dir: &Path, found: &mut Vec<Input>, warnings: &mut Vec<String>) {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {
@@ -69,7 +69,7 @@ fn walk(dir: &Path, found: &mut Vec<PathBuf>, warnings: &mut Vec<String>) {
         if kind.is_dir() {
             walk(&path, found, warnings);
         } else if has_image_extension(&path) && !(kind.is_symlink() && path.is_dir()) {
-            found.push(path);
+            found.push(Input { path });
         }
     }
 }
@@ -98,7 +98,7 @@ mod tests {
         let names: Vec<String> = inputs
             .iter()
             .map(|i| {
-                i.shown
+                i.shown()
                     .trim_start_matches(&dir.to_string_lossy().into_owned())
                     .to_owned()
             })

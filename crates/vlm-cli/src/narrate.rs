@@ -105,7 +105,7 @@ impl Job {
         let backend = self.client.backend().to_string();
         let failed = |sha256: Option<String>, error: String, latency_ms: u64| {
             Outcome::Record(Box::new(Record {
-                path: input.shown.clone(),
+                path: input.shown(),
                 sha256,
                 backend: backend.clone(),
                 model: self.client.model().to_owned(),
@@ -121,7 +121,7 @@ impl Job {
                 None,
                 format!(
                     "image {}: the path is not valid UTF-8, so its record could not name it faithfully (nor --resume match it); rename the file",
-                    input.shown
+                    input.shown()
                 ),
                 0,
             );
@@ -131,7 +131,7 @@ impl Job {
             Err(message) => return failed(None, message, 0),
         };
         let sha256 = hex(&Sha256::digest(&bytes));
-        if self.previous.is_done(&input.shown, &sha256) {
+        if self.previous.is_done(&input.shown(), &sha256) {
             return Outcome::Skipped;
         }
         // Sniffed here so the error names the file, not "<N bytes in memory>".
@@ -141,7 +141,7 @@ impl Job {
                 Some(sha256),
                 format!(
                     "image {}: not a PNG, JPEG, WebP or GIF image: {found}",
-                    input.shown
+                    input.shown()
                 ),
                 0,
             );
@@ -159,7 +159,7 @@ impl Job {
         let latency_ms = started.elapsed().as_millis() as u64;
         match result {
             Ok(answer) => Outcome::Record(Box::new(Record {
-                path: input.shown.clone(),
+                path: input.shown(),
                 sha256: Some(sha256),
                 backend,
                 model: answer.model,
@@ -548,7 +548,7 @@ async fn stream_one(
     })?;
     let backend = parts.client.backend().to_string();
     let mut record = Record {
-        path: input.shown.clone(),
+        path: input.shown(),
         sha256: None,
         backend,
         model: parts.client.model().to_owned(),
@@ -565,7 +565,7 @@ async fn stream_one(
         let mime = ImageMime::detect(&bytes).ok_or_else(|| {
             format!(
                 "image {}: not a PNG, JPEG, WebP or GIF image: {}",
-                input.shown,
+                input.shown(),
                 describe_non_image(&bytes)
             )
         })?;
@@ -606,7 +606,7 @@ async fn stream_one(
         record.text = None;
         record.finish_reason = None;
         record.usage = None;
-        tracing::error!("{}: {e}", input.shown);
+        tracing::error!("{}: {e}", input.shown());
     }
     if let Some(path) = output {
         let (mut sink, _) = crate::output::open(path, resume, overwrite)?;

@@ -21,22 +21,44 @@ fn image(len: usize) -> Vec<u8> {
 }
 
 fn payload(c: &mut Criterion) {
-    let request = VlmRequest::builder("Describe any residual colour in this photograph, which is meant to be monochrome.")
-        .max_tokens(300)
-        .temperature(0.1)
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let request = VlmRequest::builder(
+        "Describe any residual colour in this photograph, which is meant to be monochrome.",
+    )
+    .max_tokens(300)
+    .temperature(0.1)
+    .build()
+    .unwrap_or_else(|e| panic!("{e}"));
     let mut group = c.benchmark_group("payload");
-    for (name, len) in [("1KB", 1024), ("256KB", 256 * 1024), ("20MB", 20 * 1024 * 1024)] {
+    for (name, len) in [
+        ("1KB", 1024),
+        ("256KB", 256 * 1024),
+        ("20MB", 20 * 1024 * 1024),
+    ] {
         let bytes = image(len);
-        let loaded = [LoadedImage::Inline { data: bytes.clone().into(), mime: ImageMime::Jpeg }];
+        let loaded = [LoadedImage::Inline {
+            data: bytes.clone().into(),
+            mime: ImageMime::Jpeg,
+        }];
         group.throughput(Throughput::Bytes(len as u64));
         if len > 1 << 20 {
             group.sample_size(20);
         }
-        group.bench_with_input(BenchmarkId::new("build_chat_body", name), &loaded, |b, loaded| {
-            b.iter(|| build_chat_body(black_box(&request), black_box(loaded), PayloadOptions { model: Some("m"), stream: false }))
-        });
+        group.bench_with_input(
+            BenchmarkId::new("build_chat_body", name),
+            &loaded,
+            |b, loaded| {
+                b.iter(|| {
+                    build_chat_body(
+                        black_box(&request),
+                        black_box(loaded),
+                        PayloadOptions {
+                            model: Some("m"),
+                            stream: false,
+                        },
+                    )
+                })
+            },
+        );
         group.bench_with_input(BenchmarkId::new("memcpy", name), &bytes, |b, bytes| {
             b.iter(|| {
                 let mut out = Vec::with_capacity(bytes.len());

@@ -95,7 +95,10 @@ fn validation_error(loc: &[&str], msg: &str, kind: &str) -> Resp {
 const FIXED_ANSWER: &str = r#"{"id":"chatcmpl-emulator-fast","object":"chat.completion","created":0,"model":"fast","choices":[{"index":0,"message":{"role":"assistant","content":"[emulator] fixed answer"},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":3,"total_tokens":4}}"#;
 
 pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
-    if shared.fast && req.method() == hyper::Method::POST && req.uri().path().ends_with("/chat/completions") {
+    if shared.fast
+        && req.method() == hyper::Method::POST
+        && req.uri().path().ends_with("/chat/completions")
+    {
         return match collect_limited(req.into_body(), MAX_REQUEST_BYTES).await {
             Ok(_) => raw_response(200, "application/json", FIXED_ANSWER),
             Err(e) => error(shared.backend, 413, "BadRequestError", &e, None),
