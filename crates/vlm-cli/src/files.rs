@@ -5,8 +5,7 @@ use std::path::{Path, PathBuf};
 /// The extensions a folder walk picks up, matched case-insensitively.
 pub const EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "gif"];
 
-/// One image to narrate. Only the path is kept (a library of 100,000 images holds 100,000 of
-/// these for the whole run); the record's text form is derived when needed.
+/// One image to narrate.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Input {
     /// As discovered: the argument joined with the walked entry, not canonicalised.
@@ -20,38 +19,108 @@ impl Input {
     }
 }
 
+/// Every image of a run, in order. A library of 100,000 images keeps 100,000 paths for the
+/// whole run, so they are packed into one buffer (no allocation per path) and an [`Input`] is
+/// made only when its image is started.
+#[derive(Debug, Default)]
+pub struct Inputs {
+    #[cfg(unix)]
+    bytes: Vec<u8>,
+    #[cfg(unix)]
+    ends: Vec<usize>,
+    #[cfg(not(unix))]
+    paths: Vec<PathBuf>,
+}
+
+impl Inputs {
+    fn push(&mut self, path: &Path) {
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStrExt as _;
+            self.bytes.extend_from_slice(path.as_os_str().as_bytes());
+            self.ends.push(self.bytes.len());
+        }
+        #[cfg(not(unix))]
+        self.paths.push(path.to_path_buf());
+    }
+
+    /// How many images.
+    pub fn len(&self) -> usize {
+        #[cfg(unix)]
+        return self.ends.len();
+        #[cfg(not(unix))]
+        return self.paths.len();
+    }
+
+    /// The `i`-th path.
+    fn get(&self, i: usize) -> PathBuf {
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStrExt as _;
+            let start = if i == 0 { 0 } else { self.ends[i - 1] };
+            PathBuf::from(std::ffi::OsStr::from_bytes(
+                &self.bytes[start..self.ends[i]],
+            ))
+        }
+        #[cfg(not(unix))]
+        self.paths[i].clone()
+    }
+
+    fn shrink_to_fit(&mut self) {
+        #[cfg(unix)]
+        {
+            self.bytes.shrink_to_fit();
+            self.ends.shrink_to_fit();
+        }
+        #[cfg(not(unix))]
+        self.paths.shrink_to_fit();
+    }
+}
+
+impl IntoIterator for Inputs {
+    type Item = Input;
+    type IntoIter = Box<dyn Iterator<Item = Input> + Send>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new((0..self.len()).map(move |i| Input { path: self.get(i) }))
+    }
+}
+
 fn has_image_extension(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
 }
 
-/// Expands the arguments: folders are walked recursively (sorted, by extension); a file named
-/// explicitly is always attempted, whatever its name, and so is a path that does not exist (it
-/// becomes an error record, never a silent skip). Returns the inputs and warnings.
-pub fn discover(args: &[PathBuf]) -> (Vec<Input>, Vec<String>) {
-    let mut inputs = Vec::new();
+/// Expands the arguments: folders are walked recursively in sorted order, picking files by
+/// extension; a file named explicitly is always attempted, whatever its name, and so is a path
+/// that does not exist (it becomes an error record, never a silent skip). Returns the inputs
+/// and warnings.
+pub fn discover(args: &[PathBuf]) -> (Inputs, Vec<String>) {
+    let mut inputs = Inputs::default();
     let mut warnings = Vec::new();
     for arg in args {
         if arg.is_dir() {
-            // Walked straight into `inputs` and sorted in place: no second list of paths.
-            let start = inputs.len();
+            let before = inputs.len();
             walk(arg, &mut inputs, &mut warnings);
-            inputs[start..].sort_unstable();
-            if inputs.len() == start {
+            if inputs.len() == before {
                 warnings.push(format!(
                     "{}: no .jpg, .jpeg, .png, .webp or .gif files in this folder",
                     arg.display()
                 ));
             }
         } else {
-            inputs.push(Input { path: arg.clone() });
+            inputs.push(arg);
         }
     }
+    // The list lives for the whole run: give back the growth slack.
+    inputs.shrink_to_fit();
     (inputs, warnings)
 }
 
-fn walk(dir: &Path, found: &mut Vec<Input>, warnings: &mut Vec<String>) {
+/// Depth first, each folder's entries sorted by name: the same order as sorting the full paths
+/// component by component, without ever holding more than one folder's listing.
+fn walk(dir: &Path, found: &mut Inputs, warnings: &mut Vec<String>) {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {
@@ -59,17 +128,19 @@ fn walk(dir: &Path, found: &mut Vec<Input>, warnings: &mut Vec<String>) {
             return;
         }
     };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let Ok(kind) = entry.file_type() else {
-            continue;
-        };
+    let mut entries: Vec<(std::ffi::OsString, std::fs::FileType)> = entries
+        .flatten()
+        .filter_map(|entry| Some((entry.file_name(), entry.file_type().ok()?)))
+        .collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    for (name, kind) in entries {
+        let path = dir.join(&name);
         // Symlinked folders are not followed (no loops). Any other entry with an image extension
         // is attempted, a dangling link included: it becomes an error record, not a silent skip.
         if kind.is_dir() {
             walk(&path, found, warnings);
         } else if has_image_extension(&path) && !(kind.is_symlink() && path.is_dir()) {
-            found.push(Input { path });
+            found.push(&path);
         }
     }
 }
@@ -90,13 +161,14 @@ mod tests {
             "sub/c.WebP",
             "sub/d.gif",
             "e.JPEG",
+            "sub.jpg",
         ] {
             std::fs::write(dir.join(name), b"x").unwrap();
         }
         let (inputs, warnings) =
             discover(&[dir.clone(), dir.join("notes.txt"), dir.join("missing.jpg")]);
         let names: Vec<String> = inputs
-            .iter()
+            .into_iter()
             .map(|i| {
                 i.shown()
                     .trim_start_matches(&dir.to_string_lossy().into_owned())
@@ -111,6 +183,7 @@ mod tests {
                 "/e.JPEG",
                 "/sub/c.WebP",
                 "/sub/d.gif",
+                "/sub.jpg",
                 "/notes.txt",
                 "/missing.jpg"
             ]

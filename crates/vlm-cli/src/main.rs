@@ -232,7 +232,10 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(&cli.global);
+    // File reads go to the blocking pool; a small pool keeps threads (and their malloc arenas)
+    // few, so memory stays flat however many images a run narrates.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(4)
         .enable_all()
         .build()
     {

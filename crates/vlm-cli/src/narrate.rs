@@ -303,7 +303,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     if args.stream {
         return stream_one(
             job_parts(&client, &prompt, &settings),
-            inputs,
+            inputs.into_iter().collect(),
             args.output.as_deref(),
             (args.resume, args.overwrite),
         )
