@@ -124,6 +124,8 @@ fn ci() -> Result<(), String> {
         &[],
     )?;
     cargo(&["test", "--workspace", "--all-features"], &[])?;
+    // The benches once each, as tests (quick; `cargo xtask bench` measures for real).
+    cargo(&["test", "-p", "vlm-core", "--benches"], &[])?;
     cargo(
         &["doc", "--workspace", "--all-features", "--no-deps"],
         &[("RUSTDOCFLAGS", "-D warnings")],
