@@ -13,8 +13,8 @@ use crate::{Exit, Failure, GlobalOpts};
 #[derive(Debug, Args)]
 pub struct HealthArgs {
     /// Wait up to this many seconds for a server that is still starting
-    #[arg(long, value_name = "SECONDS")]
-    wait: Option<f64>,
+    #[arg(long, value_name = "SECONDS", value_parser = crate::parse_seconds)]
+    wait: Option<Duration>,
 }
 
 /// `vlm backends` arguments.
@@ -49,32 +49,13 @@ pub struct EmulateArgs {
 pub async fn health(global: &GlobalOpts, args: HealthArgs) -> Result<Exit, Failure> {
     let settings = global.load_settings(&[])?;
     let client = build_client(&settings)?;
-    let report = match args.wait {
-        Some(w) if w.is_finite() && w >= 0.0 => {
-            client.wait_ready(Duration::from_secs_f64(w)).await?
-        }
-        Some(w) => {
-            return Err(Failure::usage(format!(
-                "invalid --wait {w}: expected seconds >= 0"
-            )));
-        }
-        None => client.health().await?,
-    };
+    let report = crate::check_health(&*client, args.wait).await?;
     crate::outln!("{}", report.to_string().trim_end());
     if report.is_ready() {
         tracing::info!("🤖 VLM: {}/{}", client.backend(), client.model());
         Ok(Exit::Ok)
     } else {
-        Err(Failure {
-            exit: Exit::Server,
-            message: format!(
-                "the {} server at {} is {}: {}",
-                settings.backend,
-                client.base_url(),
-                report.state.label(),
-                report.state.reason().unwrap_or("not ready")
-            ),
-        })
+        Err(crate::not_ready(&*client, &report))
     }
 }
 

@@ -93,6 +93,41 @@ struct Cli {
     command: Command,
 }
 
+/// Parses `--wait SECONDS` (a number >= 0).
+pub fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|w| w.is_finite() && *w >= 0.0 && *w <= 86_400.0 * 7.0)
+        .map(std::time::Duration::from_secs_f64)
+        .ok_or_else(|| format!("{s:?} is not a number of seconds >= 0"))
+}
+
+/// The pre-flight health check: polled up to `wait` when given.
+pub async fn check_health(
+    client: &dyn vlm_core::VlmClient,
+    wait: Option<std::time::Duration>,
+) -> Result<vlm_core::HealthReport, Failure> {
+    Ok(match wait {
+        Some(wait) => client.wait_ready(wait).await?,
+        None => client.health().await?,
+    })
+}
+
+/// The failure for a server that is not ready (exit 3), naming its state and why.
+pub fn not_ready(client: &dyn vlm_core::VlmClient, report: &vlm_core::HealthReport) -> Failure {
+    Failure {
+        exit: Exit::Server,
+        message: format!(
+            "the {} server at {} is {}: {}",
+            client.backend(),
+            client.base_url(),
+            report.state.label(),
+            report.state.reason().unwrap_or("not ready")
+        ),
+    }
+}
+
 /// Writes a line to stdout; a closed pipe (`vlm config | head -1`) ends the process quietly
 /// instead of panicking.
 #[macro_export]

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use futures_util::StreamExt as _;
 use sha2::{Digest, Sha256};
-use vlm_core::{ImageInput, ImageMime, VlmBackend, VlmClient, VlmRequest, describe_non_image};
+use vlm_core::{
+    ImageInput, ImageMime, StreamEvent, VlmBackend, VlmClient, VlmError, VlmRequest,
+    describe_non_image,
+};
 use vlm_factory::build_client;
 use vlm_testkit::{Emulator, EmulatorConfig, default_model};
 
@@ -70,8 +73,8 @@ pub struct NarrateArgs {
     #[arg(long, requires = "output")]
     overwrite: bool,
     /// Wait up to this many seconds for a server that is still starting
-    #[arg(long, value_name = "SECONDS")]
-    wait: Option<f64>,
+    #[arg(long, value_name = "SECONDS", value_parser = crate::parse_seconds)]
+    wait: Option<Duration>,
     /// Print the answer's text to stdout as it is generated (exactly one image; the record goes
     /// to --output if given)
     #[arg(long)]
@@ -100,77 +103,110 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// An image read, hashed and checked, with its request built.
+struct Prepared {
+    sha256: String,
+    request: VlmRequest,
+}
+
 impl Job {
-    async fn run(&self, input: Input) -> Outcome {
-        let backend = self.client.backend().to_string();
-        let failed = |sha256: Option<String>, error: String, latency_ms: u64| {
-            Outcome::Record(Box::new(Record {
-                path: input.shown(),
-                sha256,
-                backend: backend.clone(),
-                model: self.client.model().to_owned(),
-                text: None,
-                finish_reason: None,
-                usage: None,
-                latency_ms,
-                error: Some(error),
-            }))
-        };
+    fn new(
+        client: &Arc<dyn VlmClient>,
+        prompt: &str,
+        settings: &vlm_factory::VlmSettings,
+        previous: Previous,
+    ) -> Self {
+        Job {
+            client: client.clone(),
+            prompt: Arc::from(prompt),
+            max_tokens: settings.max_tokens,
+            temperature: settings.temperature,
+            max_image_bytes: settings.max_image_bytes,
+            previous: Arc::new(previous),
+        }
+    }
+
+    /// Reads and checks one image and builds its request; an error names the file and says why
+    /// (with the sha256 when the bytes could be read).
+    async fn prepare(&self, input: &Input) -> Result<Prepared, (Option<String>, String)> {
+        let shown = input.shown();
         if input.path.to_str().is_none() {
-            return failed(
+            return Err((
                 None,
                 format!(
-                    "image {}: the path is not valid UTF-8, so its record could not name it faithfully (nor --resume match it); rename the file",
-                    input.shown()
+                    "image {shown}: the path is not valid UTF-8, so its record could not name it faithfully (nor --resume match it); rename the file"
                 ),
-                0,
-            );
+            ));
         }
-        let bytes = match read_limited(&input.path, self.max_image_bytes).await {
-            Ok(bytes) => bytes,
-            Err(message) => return failed(None, message, 0),
-        };
+        let bytes = read_limited(&input.path, self.max_image_bytes)
+            .await
+            .map_err(|m| (None, m))?;
         let sha256 = hex(&Sha256::digest(&bytes));
-        if self.previous.is_done(&input.shown(), &sha256) {
-            return Outcome::Skipped;
-        }
         // Sniffed here so the error names the file, not "<N bytes in memory>".
         let Some(mime) = ImageMime::detect(&bytes) else {
             let found = describe_non_image(&bytes);
-            return failed(
+            return Err((
                 Some(sha256),
-                format!(
-                    "image {}: not a PNG, JPEG, WebP or GIF image: {found}",
-                    input.shown()
-                ),
-                0,
-            );
+                format!("image {shown}: not a PNG, JPEG, WebP or GIF image: {found}"),
+            ));
         };
         let request = VlmRequest::builder(&*self.prompt)
             .image(ImageInput::bytes_with_mime(bytes, mime))
             .max_tokens(self.max_tokens)
             .temperature(self.temperature)
-            .build();
-        let started = Instant::now();
-        let result = match request {
-            Ok(request) => self.client.infer_single(&request).await,
-            Err(e) => Err(e),
+            .build()
+            .map_err(|e| (Some(sha256.clone()), e.to_string()))?;
+        Ok(Prepared { sha256, request })
+    }
+
+    /// A record with nothing but the error.
+    fn failure(
+        &self,
+        input: &Input,
+        sha256: Option<String>,
+        error: String,
+        latency_ms: u64,
+    ) -> Record {
+        Record {
+            path: input.shown(),
+            sha256,
+            backend: self.client.backend().to_string(),
+            model: self.client.model().to_owned(),
+            text: None,
+            finish_reason: None,
+            usage: None,
+            latency_ms,
+            error: Some(error),
+        }
+    }
+
+    async fn run(&self, input: Input) -> Outcome {
+        let Prepared { sha256, request } = match self.prepare(&input).await {
+            Ok(prepared) => prepared,
+            Err((sha256, error)) => {
+                return Outcome::Record(Box::new(self.failure(&input, sha256, error, 0)));
+            }
         };
+        if self.previous.is_done(&input.shown(), &sha256) {
+            return Outcome::Skipped;
+        }
+        let started = Instant::now();
+        let result = self.client.infer_single(&request).await;
         let latency_ms = started.elapsed().as_millis() as u64;
-        match result {
-            Ok(answer) => Outcome::Record(Box::new(Record {
+        Outcome::Record(Box::new(match result {
+            Ok(answer) => Record {
                 path: input.shown(),
                 sha256: Some(sha256),
-                backend,
+                backend: self.client.backend().to_string(),
                 model: answer.model,
                 text: Some(answer.text),
                 finish_reason: answer.finish_reason,
                 usage: answer.usage,
                 latency_ms,
                 error: None,
-            })),
-            Err(e) => failed(Some(sha256), e.to_string(), latency_ms),
-        }
+            },
+            Err(e) => self.failure(&input, Some(sha256), e.to_string(), latency_ms),
+        }))
     }
 }
 
@@ -226,13 +262,6 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     };
     let mut settings = global.load_settings(&extra(None))?;
     let prompt = load_prompt(&args)?;
-    if let Some(wait) = args.wait
-        && !(wait.is_finite() && wait >= 0.0)
-    {
-        return Err(Failure::usage(format!(
-            "invalid --wait {wait}: expected seconds >= 0"
-        )));
-    }
 
     // The emulator lives as long as this run.
     let _emulator = if args.emulate {
@@ -258,10 +287,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
         crate::output::refuse_existing(path, args.resume, args.overwrite)?;
     }
     let client = build_client(&settings)?;
-    let report = match args.wait {
-        Some(wait) => client.wait_ready(Duration::from_secs_f64(wait)).await?,
-        None => client.health().await?,
-    };
+    let report = crate::check_health(&*client, args.wait).await?;
 
     if settings.backend == VlmBackend::Triton {
         tracing::warn!(
@@ -282,16 +308,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     }
     if !report.is_ready() {
         eprint!("{report}");
-        return Err(Failure {
-            exit: Exit::Server,
-            message: format!(
-                "the {} server at {} is {}: {}",
-                settings.backend,
-                client.base_url(),
-                report.state.label(),
-                report.state.reason().unwrap_or("not ready")
-            ),
-        });
+        return Err(crate::not_ready(&*client, &report));
     }
     tracing::info!("🤖 VLM: {}/{}", client.backend(), client.model());
 
@@ -301,9 +318,11 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     }
 
     if args.stream {
+        let inputs = inputs.into_iter().collect();
+        let job = Job::new(&client, &prompt, &settings, Previous::default());
         return stream_one(
-            job_parts(&client, &prompt, &settings),
-            inputs.into_iter().collect(),
+            &job,
+            inputs,
             args.output.as_deref(),
             (args.resume, args.overwrite),
         )
@@ -342,14 +361,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     }
 
     let total = inputs.len();
-    let job = Arc::new(Job {
-        client: client.clone(),
-        prompt: Arc::from(prompt.as_str()),
-        max_tokens: settings.max_tokens,
-        temperature: settings.temperature,
-        max_image_bytes: settings.max_image_bytes,
-        previous: Arc::new(previous),
-    });
+    let job = Arc::new(Job::new(&client, &prompt, &settings, previous));
     let progress = (std::io::stderr().is_terminal() && !global.quiet).then(|| {
         let bar = indicatif::ProgressBar::new(total as u64);
         if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -509,32 +521,9 @@ impl Interrupts {
     }
 }
 
-/// What a streamed narration needs.
-struct StreamParts {
-    client: Arc<dyn VlmClient>,
-    prompt: String,
-    max_tokens: u32,
-    temperature: f64,
-    max_image_bytes: u64,
-}
-
-fn job_parts(
-    client: &Arc<dyn VlmClient>,
-    prompt: &str,
-    settings: &vlm_factory::VlmSettings,
-) -> StreamParts {
-    StreamParts {
-        client: client.clone(),
-        prompt: prompt.to_owned(),
-        max_tokens: settings.max_tokens,
-        temperature: settings.temperature,
-        max_image_bytes: settings.max_image_bytes,
-    }
-}
-
 /// `--stream`: one image, its text printed as it arrives.
 async fn stream_one(
-    parts: StreamParts,
+    job: &Job,
     inputs: Vec<Input>,
     output: Option<&std::path::Path>,
     (resume, overwrite): (bool, bool),
@@ -546,67 +535,46 @@ async fn stream_one(
             inputs.len()
         ))
     })?;
-    let backend = parts.client.backend().to_string();
-    let mut record = Record {
-        path: input.shown(),
-        sha256: None,
-        backend,
-        model: parts.client.model().to_owned(),
-        text: None,
-        finish_reason: None,
-        usage: None,
-        latency_ms: 0,
-        error: None,
-    };
     let started = Instant::now();
-    let outcome: Result<(), String> = async {
-        let bytes = read_limited(&input.path, parts.max_image_bytes).await?;
-        record.sha256 = Some(hex(&Sha256::digest(&bytes)));
-        let mime = ImageMime::detect(&bytes).ok_or_else(|| {
-            format!(
-                "image {}: not a PNG, JPEG, WebP or GIF image: {}",
-                input.shown(),
-                describe_non_image(&bytes)
-            )
-        })?;
-        let request = VlmRequest::builder(parts.prompt.as_str())
-            .image(ImageInput::bytes_with_mime(bytes, mime))
-            .max_tokens(parts.max_tokens)
-            .temperature(parts.temperature)
-            .build()
-            .map_err(|e| e.to_string())?;
-        let mut events = parts
-            .client
-            .infer_stream(&request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut text = String::new();
-        let mut stdout = std::io::stdout();
-        while let Some(event) = events.next().await {
-            match event.map_err(|e| e.to_string())? {
-                vlm_core::StreamEvent::Text(delta) => {
-                    text.push_str(&delta);
-                    let _ = stdout
-                        .write_all(delta.as_bytes())
-                        .and_then(|()| stdout.flush());
+    let record = match job.prepare(&input).await {
+        Err((sha256, error)) => job.failure(&input, sha256, error, 0),
+        Ok(Prepared { sha256, request }) => {
+            let mut record = job.failure(&input, Some(sha256.clone()), String::new(), 0);
+            let streamed: Result<String, VlmError> = async {
+                let mut events = job.client.infer_stream(&request).await?;
+                let mut text = String::new();
+                let mut stdout = std::io::stdout();
+                while let Some(event) = events.next().await {
+                    match event? {
+                        StreamEvent::Text(delta) => {
+                            text.push_str(&delta);
+                            let _ = stdout
+                                .write_all(delta.as_bytes())
+                                .and_then(|()| stdout.flush());
+                        }
+                        StreamEvent::Finish(reason) => record.finish_reason = Some(reason),
+                        StreamEvent::Usage(usage) => record.usage = Some(usage),
+                        _ => {}
+                    }
                 }
-                vlm_core::StreamEvent::Finish(reason) => record.finish_reason = Some(reason),
-                vlm_core::StreamEvent::Usage(usage) => record.usage = Some(usage),
-                _ => {}
+                let _ = writeln!(stdout);
+                Ok(text)
+            }
+            .await;
+            let latency_ms = started.elapsed().as_millis() as u64;
+            match streamed {
+                Ok(text) => Record {
+                    text: Some(text),
+                    error: None,
+                    latency_ms,
+                    ..record
+                },
+                Err(e) => job.failure(&input, Some(sha256), e.to_string(), latency_ms),
             }
         }
-        let _ = writeln!(stdout);
-        record.text = Some(text);
-        Ok(())
-    }
-    .await;
-    record.latency_ms = started.elapsed().as_millis() as u64;
-    if let Err(e) = &outcome {
-        record.error = Some(e.clone());
-        record.text = None;
-        record.finish_reason = None;
-        record.usage = None;
-        tracing::error!("{}: {e}", input.shown());
+    };
+    if let Some(error) = &record.error {
+        tracing::error!("{}: {error}", record.path);
     }
     if let Some(path) = output {
         let (mut sink, _) = crate::output::open(path, resume, overwrite)?;
@@ -615,7 +583,7 @@ async fn stream_one(
             message: format!("cannot write to {}: {e}", path.display()),
         })?;
     }
-    Ok(if outcome.is_ok() {
+    Ok(if record.error.is_none() {
         Exit::Ok
     } else {
         Exit::SomeFailed

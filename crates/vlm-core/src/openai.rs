@@ -440,26 +440,36 @@ pub struct OpenAiChat {
 }
 
 impl OpenAiChat {
+    /// Checks the request, loads its images (files are read now, per request) and builds the
+    /// body; the loaded images are dropped before anything is sent.
+    async fn body(
+        &self,
+        request: &VlmRequest,
+        options: PayloadOptions<'_>,
+    ) -> Result<Vec<u8>, VlmError> {
+        request.validate()?;
+        let mut images = Vec::with_capacity(request.images.len());
+        for image in &request.images {
+            images.push(image.load(self.max_image_bytes).await?);
+        }
+        build_chat_body(request, &images, options)
+    }
+
     /// Loads the images, builds the body, posts it and parses the answer.
     pub async fn chat(
         &self,
         request: &VlmRequest,
         model: Option<&str>,
     ) -> Result<VlmResponse, VlmError> {
-        request.validate()?;
-        let mut images = Vec::with_capacity(request.images.len());
-        for image in &request.images {
-            images.push(image.load(self.max_image_bytes).await?);
-        }
-        let body = build_chat_body(
-            request,
-            &images,
-            PayloadOptions {
-                model,
-                stream: false,
-            },
-        )?;
-        drop(images);
+        let body = self
+            .body(
+                request,
+                PayloadOptions {
+                    model,
+                    stream: false,
+                },
+            )
+            .await?;
         let url = self.transport.endpoint("chat/completions");
         let started = Instant::now();
         let resp = self
@@ -484,20 +494,15 @@ impl OpenAiChat {
         request: &VlmRequest,
         model: Option<&str>,
     ) -> Result<crate::stream::VlmStream, VlmError> {
-        request.validate()?;
-        let mut images = Vec::with_capacity(request.images.len());
-        for image in &request.images {
-            images.push(image.load(self.max_image_bytes).await?);
-        }
-        let body = build_chat_body(
-            request,
-            &images,
-            PayloadOptions {
-                model,
-                stream: true,
-            },
-        )?;
-        drop(images);
+        let body = self
+            .body(
+                request,
+                PayloadOptions {
+                    model,
+                    stream: true,
+                },
+            )
+            .await?;
         let url = self.transport.endpoint("chat/completions");
         let timeout = self.transport.timeout;
         let resp = self
