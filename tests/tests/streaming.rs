@@ -85,6 +85,17 @@ async fn a_stream_whose_server_never_answers_times_out_and_triton_says_what_to_d
     let err = client(&e, "5").infer_stream(&request).await.err().unwrap();
     assert_eq!(err.status(), Some(503));
 
+    // A proxy that sends 502 headers, then stalls: bounded by the timeout too.
+    e.push_fault(Fault::StallAfterHeaders(502));
+    let started = std::time::Instant::now();
+    let err = client(&e, "0.4")
+        .infer_stream(&request)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, VlmError::Timeout { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
     let t = Emulator::start(EmulatorConfig::new(VlmBackend::Triton))
         .await
         .unwrap();

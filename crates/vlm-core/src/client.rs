@@ -305,9 +305,17 @@ impl ClientConfig {
 /// ```
 pub fn normalize_base_url(backend: VlmBackend, input: &str) -> Result<Url, VlmError> {
     let trimmed = input.trim();
+    // Never echo credentials: `http://user:secret@host` is shown as `http://***@host`.
+    let shown = match (trimmed.find("://"), trimmed.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &trimmed[..scheme], &trimmed[at..])
+        }
+        (None, Some(at)) => format!("***{}", &trimmed[at..]),
+        _ => trimmed.to_owned(),
+    };
     let bad = |why: &str| {
         VlmError::config(format!(
-            "invalid base URL {trimmed:?} for {backend}: {why}; use a URL such as {}",
+            "invalid base URL {shown:?} for {backend}: {why}; use a URL such as {}",
             backend.default_base_url()
         ))
     };
@@ -328,6 +336,13 @@ pub fn normalize_base_url(backend: VlmBackend, input: &str) -> Result<Url, VlmEr
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(bad("it must not have a query or fragment"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        // It would be logged and printed with every URL: keys go in the Authorization header.
+        return Err(bad(
+            "it must not carry credentials (user:password@); set the key with VLM_API_KEY or \
+             vlm_<backend>_api_key",
+        ));
     }
     if backend.is_openai_compatible() {
         let path = url.path().trim_end_matches('/').to_owned();
@@ -426,6 +441,16 @@ mod tests {
         ] {
             let err = normalize_base_url(VlmBackend::Vllm, bad).unwrap_err();
             assert!(err.is_config(), "{bad}: {err}");
+        }
+        for secret in [
+            "http://u:hunter2@h:8000/v1",
+            "u:hunter2@h:8000",
+            "http://u:hunter2@h:99999",
+        ] {
+            let err = normalize_base_url(VlmBackend::Vllm, secret)
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("hunter2") && err.contains("***@h"), "{err}");
         }
     }
 

@@ -81,15 +81,17 @@ pub fn parse_retry_after(
     retry_after_ms: Option<&str>,
     retry_after: Option<&str>,
 ) -> Option<Duration> {
+    // A server may send any number: past what a Duration holds it is simply "too long".
+    let seconds =
+        |s: f64| (s >= 0.0).then(|| Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX));
     if let Some(ms) = retry_after_ms.and_then(|v| v.trim().parse::<f64>().ok())
-        && ms.is_finite()
-        && ms >= 0.0
+        && let Some(d) = seconds(ms / 1000.0)
     {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Some(d);
     }
     let value = retry_after?.trim();
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return seconds(secs);
     }
     let when = httpdate::parse_http_date(value).ok()?;
     Some(
@@ -134,6 +136,15 @@ mod tests {
         );
         assert_eq!(parse_retry_after(None, Some("garbage")), None);
         assert_eq!(parse_retry_after(None, Some("-3")), None);
+        assert_eq!(parse_retry_after(None, Some("NaN")), None);
+        for huge in ["1e20", "inf", "18446744073709551616"] {
+            assert_eq!(
+                parse_retry_after(None, Some(huge)),
+                Some(Duration::MAX),
+                "{huge}"
+            );
+        }
+        assert_eq!(parse_retry_after(Some("1e30"), None), Some(Duration::MAX));
         let in_a_minute = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(60));
         let d = parse_retry_after(None, Some(&in_a_minute)).unwrap();
         assert!(

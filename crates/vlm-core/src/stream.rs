@@ -143,8 +143,28 @@ where
     B: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: std::fmt::Display + Send + 'static,
 {
+    // A misbehaving server must not grow one endless event (or stream) in memory: the stream is
+    // bounded like a whole response.
+    let limit = crate::transport::MAX_RESPONSE_BYTES;
+    let bounded = body.scan(0usize, move |total, chunk| {
+        let item = match chunk {
+            Err(e) => Some(Err(e.to_string())),
+            Ok(_) if *total > limit => None,
+            Ok(bytes) => {
+                *total += bytes.len();
+                Some(if *total > limit {
+                    Err(format!(
+                        "the stream passed {limit} bytes; a proxy or the server is misbehaving"
+                    ))
+                } else {
+                    Ok(bytes)
+                })
+            }
+        };
+        std::future::ready(item)
+    });
     let state = State {
-        events: Box::pin(body.eventsource()),
+        events: Box::pin(bounded.eventsource()),
         pending: VecDeque::new(),
         done: false,
         backend,

@@ -247,21 +247,18 @@ impl Transport {
         if resp.status().is_success() {
             return Ok(resp);
         }
-        let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body = resp.bytes().await.unwrap_or_default();
-        let body = body.slice(..body.len().min(MAX_RESPONSE_BYTES));
-        Err(self.http_error(&RawResponse {
-            url: url.clone(),
-            status,
-            content_type,
-            body,
-            retry_after: None,
-        }))
+        // The error body is bounded in size and in time like any other: a proxy that sends
+        // 502 headers and then stalls must not hang the caller.
+        let read = tokio::time::timeout(timeout, self.read_whole(resp, url, timeout)).await;
+        match read {
+            Ok(Ok(raw)) => Err(self.http_error(&raw)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(VlmError::Timeout {
+                backend: self.backend,
+                url: url.to_string(),
+                after: timeout,
+            }),
+        }
     }
 
     fn authorize(
@@ -293,10 +290,20 @@ impl Transport {
         timeout: Duration,
     ) -> Result<RawResponse, VlmError> {
         req = self.authorize(req, auth)?;
-        let mut resp = req
+        let resp = req
             .send()
             .await
             .map_err(|e| self.map_send_error(e, url, timeout))?;
+        self.read_whole(resp, url, timeout).await
+    }
+
+    /// Reads a response whole, refusing a body over [`MAX_RESPONSE_BYTES`].
+    async fn read_whole(
+        &self,
+        mut resp: reqwest::Response,
+        url: &Url,
+        timeout: Duration,
+    ) -> Result<RawResponse, VlmError> {
         let status = resp.status().as_u16();
         let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
         let content_type = header(CONTENT_TYPE.as_str()).map(str::to_owned);

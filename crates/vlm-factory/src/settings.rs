@@ -202,7 +202,7 @@ struct FileLayer {
 type Found = (Raw, Source);
 
 /// Reads settings from every layer; see [`VlmSettings::loader`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use]
 pub struct SettingsLoader {
     tool: String,
@@ -210,6 +210,30 @@ pub struct SettingsLoader {
     env: BTreeMap<String, String>,
     config_file: Option<PathBuf>,
     overrides: BTreeMap<String, (String, String)>,
+}
+
+impl std::fmt::Debug for SettingsLoader {
+    /// Values of `*_api_key` variables and overrides are shown as `***`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |k: &str| k.to_ascii_lowercase().ends_with("_api_key");
+        let env: BTreeMap<&str, &str> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), if secret(k) { "***" } else { v.as_str() }))
+            .collect();
+        let overrides: BTreeMap<&str, &str> = self
+            .overrides
+            .iter()
+            .map(|(k, (v, _))| (k.as_str(), if secret(k) { "***" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("SettingsLoader")
+            .field("tool", &self.tool)
+            .field("cwd", &self.cwd)
+            .field("env", &env)
+            .field("config_file", &self.config_file)
+            .field("overrides", &overrides)
+            .finish()
+    }
 }
 
 impl SettingsLoader {
@@ -322,8 +346,9 @@ impl SettingsLoader {
         for table in tables {
             let values: BTreeMap<String, Value> = root.focus(&table).extract().map_err(|e| {
                 VlmError::config(format!(
-                    "cannot read {} [{table}]: {e}; fix the TOML or move the file aside",
-                    path.display()
+                    "cannot read {} [{table}]: {}; fix the TOML or move the file aside",
+                    path.display(),
+                    toml_error(&e)
                 ))
             })?;
             let mut kept = BTreeMap::new();
@@ -367,6 +392,25 @@ impl SettingsLoader {
     }
 }
 
+/// A TOML error without the source lines it quotes: the offending line may hold an API key
+/// (an unquoted `vlm_api_key = sk-...` is the commonest mistake). The position stays.
+fn toml_error(e: &figment::Error) -> String {
+    let quoted = |line: &str| {
+        let t = line.trim_start();
+        t.starts_with('|')
+            || t.split_once('|').is_some_and(|(n, _)| {
+                !n.trim().is_empty() && n.trim().chars().all(|c| c.is_ascii_digit())
+            })
+    };
+    e.to_string()
+        .lines()
+        .filter(|l| !quoted(l))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn unknown_key_message(key: &str, place: &str) -> String {
     let upper = key.chars().any(|c| c.is_ascii_uppercase());
     match closest_key(&key.to_ascii_lowercase()) {
@@ -391,8 +435,9 @@ fn config_layer(path: &Path, warnings: &mut Vec<String>) -> Result<FileLayer, Vl
             .extract()
             .map_err(|e| {
                 VlmError::config(format!(
-                    "cannot read config file {} (--config): {e}",
-                    path.display()
+                    "cannot read config file {} (--config): {}",
+                    path.display(),
+                    toml_error(&e)
                 ))
             })?;
     let mut kept = BTreeMap::new();

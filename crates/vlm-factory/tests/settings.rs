@@ -532,3 +532,55 @@ fn base_urls_are_normalised_for_every_spelling() {
     assert_eq!(s.source("vlm_backend"), None);
     assert_eq!(s.source("vlm_model"), Some(&Source::Discovery));
 }
+
+#[test]
+fn secrets_never_show_in_parse_errors_or_debug_output() {
+    let dir = fresh_dir();
+    std::fs::write(
+        dir.join("pyproject.toml"),
+        "[tool.imageworks.color_narrator]\nvlm_api_key = sk-live-SECRET1\n",
+    )
+    .unwrap();
+    let err = VlmSettings::loader()
+        .cwd(&dir)
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("line 2, column 15") && !err.contains("SECRET1"),
+        "{err}"
+    );
+    let config = dir.join("vlm.toml");
+    std::fs::write(&config, "vlm_api_key = sk-live-SECRET2\n").unwrap();
+    let err = VlmSettings::loader()
+        .config_file(&config)
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 1") && !err.contains("SECRET2"), "{err}");
+
+    let loader = VlmSettings::loader()
+        .env([("VLM_API_KEY", "sk-live-SECRET3"), ("VLM_TIMEOUT", "9")])
+        .set_override("vlm_api_key", "sk-live-SECRET4", "test");
+    let shown = format!("{loader:?}");
+    assert!(
+        !shown.contains("SECRET3") && !shown.contains("SECRET4") && shown.contains("\"9\""),
+        "{shown}"
+    );
+    let settings = loader.load().unwrap();
+    assert!(!format!("{settings:?}").contains("SECRET"));
+
+    let err = VlmSettings::loader()
+        .set_override(
+            "vlm_base_url",
+            "http://me:SECRET5@gpu:8000/v1",
+            "--vlm-base-url",
+        )
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("must not carry credentials") && !err.contains("SECRET5"),
+        "{err}"
+    );
+}

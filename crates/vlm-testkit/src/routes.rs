@@ -275,6 +275,7 @@ async fn chat(shared: &Shared, record: &RecordedRequest, body: &Bytes) -> Resp {
         }
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
         Some(Fault::DropMidBody) => return dropped_mid_body(),
+        Some(Fault::StallAfterHeaders(status)) => return stalled(status),
         Some(Fault::FinishReasonError(message)) => {
             return json_response(
                 200,
@@ -573,6 +574,23 @@ fn dropped_mid_body() -> Resp {
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from_static("4096"));
+    resp
+}
+
+/// Headers that promise a body which never comes.
+fn stalled(status: u16) -> Resp {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    tokio::spawn(async move {
+        // Keep the sender alive: the body neither arrives nor ends.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(tx);
+    });
+    let mut resp = Response::new(Body::Channel(rx));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    resp.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from_static("512"));
     resp
 }
 

@@ -118,6 +118,9 @@ pub enum Fault {
     Hang,
     /// Send the headers and part of the body, then close the connection.
     DropMidBody,
+    /// Send this status's headers (promising a body), then nothing, until the client gives up:
+    /// a proxy that stalls.
+    StallAfterHeaders(u16),
     /// LMDeploy <= 0.15: HTTP 200 whose choice has `finish_reason: "error"` and this content.
     FinishReasonError(String),
     /// Wait this long before answering normally.
