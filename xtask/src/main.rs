@@ -150,18 +150,18 @@ fn matrix() -> Result<(), String> {
 
 /// `cargo deny check licenses bans sources` (advisories need the network's RustSec database).
 fn deny() -> Result<(), String> {
-    let installed = Command::new("cargo")
+    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let installed = Command::new(&cargo_bin)
         .args(["deny", "--version"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !installed {
-        if std::env::var_os("CI").is_some() {
-            return Err("cargo-deny is not installed; .ci/run installs it (cargo install --locked cargo-deny)".into());
-        }
-        eprintln!(
-            "--- skipping cargo deny: not installed (cargo install --locked cargo-deny@0.20.2)"
-        );
-        return Ok(());
+        // Enforced, never skipped: install the pinned version (about two minutes, once).
+        eprintln!("--- cargo-deny is not installed; installing cargo-deny@{DENY_VERSION}");
+        cargo(
+            &["install", "--locked", &format!("cargo-deny@{DENY_VERSION}")],
+            &[],
+        )?;
     }
     cargo(
         &[
@@ -175,6 +175,9 @@ fn deny() -> Result<(), String> {
         &[],
     )
 }
+
+/// The cargo-deny version CI and `cargo xtask ci` install.
+const DENY_VERSION: &str = "0.20.2";
 
 /// The publishable crates in dependency order.
 const PUBLISHED: [&str; 7] = [

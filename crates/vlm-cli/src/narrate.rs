@@ -388,11 +388,22 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
         let (job, launched) = (job.clone(), launched.clone());
         move |input| {
             launched.fetch_add(1, Ordering::SeqCst);
-            // Spawned, so reading, hashing and encoding run on every core.
-            tokio::spawn({
-                let job = job.clone();
-                async move { job.run(input).await }
-            })
+            // Spawned, so reading, hashing and encoding run on every core. Should the task die,
+            // the image still gets its (error) record: nothing is silently lost.
+            let job = job.clone();
+            async move {
+                let task = tokio::spawn({
+                    let (job, input) = (job.clone(), input.clone());
+                    async move { job.run(input).await }
+                });
+                task.await.unwrap_or_else(|e| {
+                    let error = format!(
+                        "image {}: internal error while narrating it: {e}",
+                        input.shown()
+                    );
+                    Outcome::Record(Box::new(job.failure(&input, None, error, 0)))
+                })
+            }
         }
     });
     let mut results = std::pin::pin!(results);
@@ -405,8 +416,8 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
             joined = results.next() => {
                 let Some(joined) = joined else { break };
                 match joined {
-                    Ok(Outcome::Skipped) => skipped += 1,
-                    Ok(Outcome::Record(record)) => {
+                    Outcome::Skipped => skipped += 1,
+                    Outcome::Record(record) => {
                         if let Some(error) = &record.error {
                             failed += 1;
                             let line = format!("{}: {error}", record.path);
@@ -421,10 +432,6 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
                             intake.store(false, Ordering::SeqCst);
                             write_error.get_or_insert(e);
                         }
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        tracing::error!("an image task failed: {e}");
                     }
                 }
                 if let Some(bar) = &progress {

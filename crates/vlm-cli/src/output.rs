@@ -135,9 +135,11 @@ pub fn open(path: &Path, resume: bool, overwrite: bool) -> Result<(Sink, Previou
     refuse_existing(path, resume, overwrite)?;
     let existing = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let mut previous = Previous::default();
-    let file = if overwrite {
-        File::create(path).map_err(|e| io("create", e))?
-    } else {
+    if overwrite {
+        File::create(path).map_err(|e| io("truncate", e))?;
+    }
+    // Append mode either way: every record is one whole line added at the end.
+    let file = {
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)

@@ -85,16 +85,3 @@ fn each_backend_maps_to_its_client_or_names_the_feature_to_enable() {
         }
     }
 }
-
-#[test]
-fn compiled_backends_match_the_enabled_features() {
-    let want: Vec<VlmBackend> = [
-        (VlmBackend::Vllm, cfg!(feature = "vllm")),
-        (VlmBackend::LmDeploy, cfg!(feature = "lmdeploy")),
-        (VlmBackend::Triton, cfg!(feature = "triton")),
-    ]
-    .into_iter()
-    .filter_map(|(b, on)| on.then_some(b))
-    .collect();
-    assert_eq!(compiled_backends(), want);
-}

@@ -225,13 +225,18 @@ impl VlmClient for TritonClient {
                 Some([only]) => {
                     self.model.adopt(only);
                 }
+                // A report, not an error: the Triton flow prints the health report whatever it
+                // says, then stops with the guidance.
                 Some(several) if several.len() > 1 => {
-                    return Err(VlmError::config(format!(
-                        "no model is configured and the Triton server at {} has several ready: \
-                         {}; choose one with --vlm-model (or vlm_triton_model)",
-                        t.base_url(),
-                        several.join(", ")
-                    )));
+                    report.served_models = several.to_vec();
+                    report.state = HealthState::Unhealthy {
+                        reason: format!(
+                            "no model is configured and Triton has several ready: {}; choose \
+                             one with --vlm-model (or vlm_triton_model)",
+                            several.join(", ")
+                        ),
+                    };
+                    return Ok(report);
                 }
                 _ => {
                     report.state = HealthState::Unhealthy {

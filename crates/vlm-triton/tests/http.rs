@@ -209,3 +209,29 @@ async fn inference_is_unsupported_with_actionable_guidance() {
     }
     any.assert_calls_async(0).await;
 }
+
+#[tokio::test]
+async fn several_ready_models_and_none_configured_is_a_report_listing_them() {
+    let server = MockServer::start_async().await;
+    serve(&server, 200, 200, 200, "").await;
+    server
+        .mock_async(|when, then| {
+            when.method(POST).path("/v2/repository/index");
+            then.status(200).json_body(json!([
+                {"name": "ensemble", "version": "1", "state": "READY"},
+                {"name": "llava", "version": "1", "state": "READY"}
+            ]));
+        })
+        .await;
+    let report = client(&server, None).health().await.unwrap();
+    assert_eq!(report.state.label(), "unhealthy");
+    assert!(
+        report
+            .state
+            .reason()
+            .unwrap()
+            .contains("several ready: ensemble, llava"),
+        "{report}"
+    );
+    assert_eq!(report.served_models, ["ensemble", "llava"]);
+}

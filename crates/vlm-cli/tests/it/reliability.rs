@@ -11,6 +11,8 @@ use crate::{records, run, stderr, vlm, workdir};
 #[cfg(feature = "vllm")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_mid_run_then_resumed_leaves_exactly_one_success_per_image() {
+    // Each record is one small write_all, so a SIGKILL almost never tears a line here; the
+    // torn-line cut itself is tested in narrate::an_existing_output_needs_resume_which_skips_what_is_done.
     let e = Emulator::start(EmulatorConfig::new(VlmBackend::Vllm))
         .await
         .unwrap();
