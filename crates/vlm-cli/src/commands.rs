@@ -62,7 +62,7 @@ pub async fn health(global: &GlobalOpts, args: HealthArgs) -> Result<Exit, Failu
 /// `vlm backends`: one row per backend.
 pub async fn backends(global: &GlobalOpts, args: BackendsArgs) -> Result<Exit, Failure> {
     let chosen = global.load_settings(&[])?;
-    crate::outln!(
+    let header = format!(
         "{:<9} {:<9} {:<28} {:<34} {:<28}{}",
         "BACKEND",
         "COMPILED",
@@ -71,6 +71,7 @@ pub async fn backends(global: &GlobalOpts, args: BackendsArgs) -> Result<Exit, F
         "CONFIGURED MODEL",
         if args.check { " HEALTH" } else { "" }
     );
+    crate::outln!("{}", header.trim_end());
     for backend in VlmBackend::ALL {
         // The same layers, with this backend chosen: its per-backend keys apply.
         let flags = [(
