@@ -401,3 +401,47 @@ async fn stream_prints_the_answer_as_it_arrives_and_records_it() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--stream narrates exactly one image; 5 were given"));
 }
+
+#[cfg(all(feature = "vllm", feature = "lmdeploy"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_with_another_backend_or_model_is_warned_about() {
+    let vllm = emulator(VlmBackend::Vllm).await;
+    let lmdeploy =
+        Emulator::start(EmulatorConfig::new(VlmBackend::LmDeploy).with_model("other-model"))
+            .await
+            .unwrap();
+    let dir = workdir();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images/sepia_portrait.jpg",
+        "--vlm-base-url",
+        &vllm.base_url(),
+        "-o",
+        "out.jsonl",
+    ]);
+    assert_eq!(run(cmd).await.status.code(), Some(0));
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--vlm-backend",
+        "lmdeploy",
+        "--vlm-base-url",
+        &lmdeploy.base_url(),
+        "-o",
+        "out.jsonl",
+        "--resume",
+    ]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(
+            "the output holds records from vllm/test-model; this run uses lmdeploy/other-model"
+        ),
+        "{err}"
+    );
+    // The image done by the other backend is not redone: same path, same bytes, a success.
+    assert_eq!(lmdeploy.chat_requests().len(), 4);
+}
