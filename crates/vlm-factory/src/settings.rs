@@ -608,10 +608,13 @@ impl VlmSettings {
     /// Every resolved setting as `(key, value, source)`, the API key redacted as `***`; what
     /// `vlm config` prints.
     pub fn entries(&self) -> Vec<(&'static str, String, String)> {
-        let src = |k: &'static str| {
-            self.sources
-                .get(k)
-                .map_or_else(|| "default".to_owned(), ToString::to_string)
+        // Each key is named once: its source is looked up from the same name.
+        let row = |key: &'static str, value: String| {
+            let source = self
+                .sources
+                .get(key)
+                .map_or_else(|| "default".to_owned(), ToString::to_string);
+            (key, value, source)
         };
         let secs = |d: Duration| {
             let s = d.as_secs_f64();
@@ -621,60 +624,28 @@ impl VlmSettings {
                 s.to_string()
             }
         };
+        let api_key = if self.api_key.is_some() {
+            "***"
+        } else {
+            "(none)"
+        };
         vec![
-            ("vlm_backend", self.backend.to_string(), src("vlm_backend")),
-            (
-                "vlm_base_url",
-                self.base_url.to_string(),
-                src("vlm_base_url"),
-            ),
-            (
+            row("vlm_backend", self.backend.to_string()),
+            row("vlm_base_url", self.base_url.to_string()),
+            row(
                 "vlm_model",
                 self.model
                     .clone()
                     .unwrap_or_else(|| "(discover)".to_owned()),
-                src("vlm_model"),
             ),
-            (
-                "vlm_api_key",
-                if self.api_key.is_some() {
-                    "***".to_owned()
-                } else {
-                    "(none)".to_owned()
-                },
-                src("vlm_api_key"),
-            ),
-            ("vlm_timeout", secs(self.timeout), src("vlm_timeout")),
-            (
-                "vlm_connect_timeout",
-                secs(self.connect_timeout),
-                src("vlm_connect_timeout"),
-            ),
-            (
-                "vlm_max_retries",
-                self.max_retries.to_string(),
-                src("vlm_max_retries"),
-            ),
-            (
-                "vlm_retry_timeouts",
-                self.retry_timeouts.to_string(),
-                src("vlm_retry_timeouts"),
-            ),
-            (
-                "vlm_max_tokens",
-                self.max_tokens.to_string(),
-                src("vlm_max_tokens"),
-            ),
-            (
-                "vlm_temperature",
-                self.temperature.to_string(),
-                src("vlm_temperature"),
-            ),
-            (
-                "vlm_max_image_bytes",
-                self.max_image_bytes.to_string(),
-                src("vlm_max_image_bytes"),
-            ),
+            row("vlm_api_key", api_key.to_owned()),
+            row("vlm_timeout", secs(self.timeout)),
+            row("vlm_connect_timeout", secs(self.connect_timeout)),
+            row("vlm_max_retries", self.max_retries.to_string()),
+            row("vlm_retry_timeouts", self.retry_timeouts.to_string()),
+            row("vlm_max_tokens", self.max_tokens.to_string()),
+            row("vlm_temperature", self.temperature.to_string()),
+            row("vlm_max_image_bytes", self.max_image_bytes.to_string()),
         ]
     }
 
