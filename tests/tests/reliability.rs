@@ -131,7 +131,11 @@ async fn a_hang_ends_at_the_timeout_and_is_not_re_sent_unless_asked() {
         .unwrap_err();
     let took = started.elapsed();
     assert!(matches!(err, VlmError::Timeout { .. }), "{err:?}");
-    assert!(err.to_string().contains("--vlm-timeout"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("raise `--vlm-timeout` (vlm_timeout)"),
+        "{err}"
+    );
     assert!(
         took >= Duration::from_millis(500) && took < Duration::from_secs(3),
         "{took:?}"
@@ -154,18 +158,196 @@ async fn a_hang_ends_at_the_timeout_and_is_not_re_sent_unless_asked() {
 }
 
 #[tokio::test]
-async fn a_connection_dropped_mid_body_is_retried() {
+async fn a_response_cut_mid_body_is_not_re_sent_unless_asked_but_a_close_before_any_byte_is() {
+    // (c) The headers arrived, then the body was cut: the server may have done the whole
+    // generation, so it is not run again by default.
     let e = vllm().await;
     e.push_fault(Fault::DropMidBody);
-    let answer = client(&e, &[]).infer_single(&ask()).await.unwrap();
+    let err = client(&e, &[]).infer_single(&ask()).await.unwrap_err();
+    assert!(
+        matches!(err, VlmError::ResponseCut { status: 200, .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.may_have_run() && err.to_string().contains("vlm_retry_timeouts"),
+        "{err}"
+    );
+    assert_eq!(
+        e.chat_requests().len(),
+        1,
+        "a finished generation must not be re-sent"
+    );
+
+    // ... unless vlm_retry_timeouts says so.
+    e.clear_requests();
+    e.push_fault(Fault::DropMidBody);
+    let answer = client(&e, &[("vlm_retry_timeouts", "true")])
+        .infer_single(&ask())
+        .await
+        .unwrap();
     assert!(answer.text.starts_with("[emulator]"));
     assert_eq!(e.chat_requests().len(), 2);
 
-    e.fail_next(3, Fault::DropMidBody);
+    // (b) Closed before any response byte: that server can no longer deliver this answer, so
+    // it is retried.
+    e.clear_requests();
+    e.push_fault(Fault::CloseWithoutResponse);
+    let answer = client(&e, &[]).infer_single(&ask()).await.unwrap();
+    assert!(answer.text.starts_with("[emulator]"));
+    assert_eq!(e.chat_requests().len(), 2);
+    e.clear_requests();
+    e.fail_next(3, Fault::CloseWithoutResponse);
     let err = client(&e, &[]).infer_single(&ask()).await.unwrap_err();
     assert!(matches!(err, VlmError::Transport { .. }), "{err:?}");
+    assert_eq!(e.chat_requests().len(), 3);
 }
 
+#[tokio::test]
+async fn a_connect_timeout_is_unreachable_and_names_vlm_connect_timeout() {
+    let hole = vlm_testkit::Blackhole::start().await.unwrap();
+    let url = format!("http://{}/v1", hole.addr());
+    let settings = VlmSettings::loader()
+        .set_override("vlm_base_url", url.as_str(), "--vlm-base-url")
+        .set_override("vlm_model", "m", "--vlm-model")
+        .set_override("vlm_connect_timeout", "0.3", "--vlm-connect-timeout")
+        .set_override("vlm_timeout", "30", "--vlm-timeout")
+        .set_override("vlm_max_retries", "1", "--vlm-max-retries")
+        .load()
+        .unwrap();
+    let client = build_client(&settings).unwrap();
+    let started = Instant::now();
+    let report = client.health().await.unwrap();
+    assert_eq!(report.state.label(), "unreachable", "{report}");
+    let reason = report.state.reason().unwrap();
+    assert!(
+        reason.contains("no connection within 0.3 s") && reason.contains("--vlm-connect-timeout"),
+        "{reason}"
+    );
+    assert!(!reason.contains("--vlm-timeout`"), "{reason}");
+    // Nothing was sent, so an inference is retried (once here) and reported as unreachable.
+    let err = client.infer_single(&ask()).await.unwrap_err();
+    assert!(err.is_unreachable(), "{err:?}");
+    assert!(err.to_string().contains("vlm_connect_timeout"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_slow_health_probe_names_vlm_health_timeout() {
+    let e = vllm().await;
+    e.delay_other_routes(Duration::from_secs(5));
+    let report = client(&e, &[("vlm_health_timeout", "0.3"), ("vlm_timeout", "60")])
+        .health()
+        .await
+        .unwrap();
+    assert_eq!(report.state.label(), "unreachable", "{report}");
+    let reason = report.state.reason().unwrap();
+    assert!(
+        reason.contains("within 0.3 s")
+            && reason.contains("--vlm-health-timeout")
+            && !reason.contains("--vlm-timeout`"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn health_and_inference_stay_under_a_gateways_path_prefix() {
+    for backend in [VlmBackend::Vllm, VlmBackend::LmDeploy, VlmBackend::Triton] {
+        let e = Emulator::start(EmulatorConfig::new(backend).with_prefix("/llama"))
+            .await
+            .unwrap();
+        assert!(e.base_url().contains("/llama"), "{}", e.base_url());
+        let c = client(&e, &[]);
+        let report = c.health().await.unwrap();
+        assert!(report.is_ready(), "{backend}: {report}");
+        for probe in &report.probes {
+            assert!(
+                probe.route.contains(" /llama/"),
+                "{backend}: {}",
+                probe.route
+            );
+        }
+        if backend != VlmBackend::Triton {
+            let answer = c.infer_single(&ask()).await.unwrap();
+            assert!(answer.text.starts_with("[emulator]"), "{backend}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_empty_answer_is_an_error_and_bad_usage_keeps_the_answer() {
+    let e = vllm().await;
+    let completion = |content: &str, finish: &str, usage: &str| Fault::Status {
+        status: 200,
+        content_type: "application/json".into(),
+        body: format!(
+            r#"{{"id":"x","object":"chat.completion","model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":{content}}},"finish_reason":"{finish}"}}],"usage":{usage}}}"#
+        ),
+        headers: vec![],
+    };
+    let c = client(&e, &[]);
+    e.push_fault(completion("null", "stop", "null"));
+    let err = c.infer_single(&ask()).await.unwrap_err();
+    assert!(matches!(err, VlmError::EmptyAnswer { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains(r#"finish_reason "stop" with no text"#),
+        "{err}"
+    );
+    e.push_fault(completion(r#""  ""#, "length", "null"));
+    let err = c.infer_single(&ask()).await.unwrap_err();
+    assert!(err.to_string().contains("raise max_tokens"), "{err}");
+
+    for usage in [
+        r#"{"prompt_tokens":1e400,"completion_tokens":2,"total_tokens":3}"#,
+        r#"{"prompt_tokens":1.5,"completion_tokens":2,"total_tokens":3}"#,
+        r#""lots""#,
+    ] {
+        e.push_fault(completion(r#""Warm tones.""#, "stop", usage));
+        let answer = c.infer_single(&ask()).await.unwrap();
+        assert_eq!(
+            (answer.text.as_str(), answer.usage),
+            ("Warm tones.", None),
+            "{usage}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn server_text_is_redacted_escaped_and_capped() {
+    const KEY: &str = "sk-echoed-secret-777";
+    let e = Emulator::start(EmulatorConfig::new(VlmBackend::Vllm).with_api_key(KEY))
+        .await
+        .unwrap();
+    let c = client(&e, &[("vlm_api_key", KEY)]);
+    e.push_fault(Fault::EchoAuthorization);
+    let err = c.infer_single(&ask()).await.unwrap_err().to_string();
+    assert!(!err.contains(KEY) && err.contains("Bearer ***"), "{err}");
+
+    e.push_fault(Fault::Status {
+        status: 400,
+        content_type: "application/json".into(),
+        body: format!(
+            r#"{{"error":{{"message":"bad\r\nINFO forged line \u001b[31m{}","type":"BadRequestError"}}}}"#,
+            "x".repeat(100_000)
+        ),
+        headers: vec![],
+    });
+    let err = c.infer_single(&ask()).await.unwrap_err().to_string();
+    assert!(
+        !err.contains('\n') && !err.contains('\r') && !err.contains('\u{1b}'),
+        "{err}"
+    );
+    assert!(err.contains(r"bad\r\nINFO forged line \u{1b}[31m"), "{err}");
+    assert!(
+        err.len() < 3000 && err.contains("…[cut: "),
+        "{} bytes",
+        err.len()
+    );
+}
 #[tokio::test]
 async fn lmdeploy_200_with_finish_reason_error_is_an_error_and_not_retried() {
     let e = Emulator::start(EmulatorConfig::new(VlmBackend::LmDeploy))

@@ -52,7 +52,11 @@ pub async fn health(global: &GlobalOpts, args: HealthArgs) -> Result<Exit, Failu
     let report = crate::check_health(&*client, args.wait).await?;
     crate::outln!("{}", report.to_string().trim_end());
     if report.is_ready() {
-        tracing::info!("🤖 VLM: {}/{}", client.backend(), client.model());
+        tracing::info!(
+            "🤖 VLM: {}/{}",
+            client.backend(),
+            vlm_core::text::shown_model(client.model())
+        );
         Ok(Exit::Ok)
     } else {
         Err(crate::not_ready(&*client, &report))

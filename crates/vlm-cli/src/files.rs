@@ -92,26 +92,61 @@ fn has_image_extension(path: &Path) -> bool {
         .is_some_and(|e| EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
 }
 
+/// The files already listed, by identity (device and inode), so that one file named several
+/// ways (`img`, `img/`, `./img/a.png`, an absolute path, a link) is narrated once.
+#[derive(Default)]
+struct Seen {
+    #[cfg(unix)]
+    files: std::collections::HashSet<(u64, u64)>,
+    duplicates: usize,
+}
+
+impl Seen {
+    /// Adds `path` unless its file is already listed. A path that cannot be looked at (missing,
+    /// a dangling link) is always added: it becomes an error record.
+    fn add(&mut self, path: &Path, found: &mut Inputs) {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            if let Ok(meta) = std::fs::metadata(path)
+                && !self.files.insert((meta.dev(), meta.ino()))
+            {
+                self.duplicates += 1;
+                return;
+            }
+        }
+        found.push(path);
+    }
+}
+
 /// Expands the arguments: folders are walked recursively in sorted order, picking files by
 /// extension; a file named explicitly is always attempted, whatever its name, and so is a path
-/// that does not exist (it becomes an error record, never a silent skip). Returns the inputs
-/// and warnings.
+/// that does not exist (it becomes an error record, never a silent skip). Each file is listed
+/// once, under the first name found. Returns the inputs and warnings.
 pub fn discover(args: &[PathBuf]) -> (Inputs, Vec<String>) {
     let mut inputs = Inputs::default();
     let mut warnings = Vec::new();
+    let mut seen = Seen::default();
     for arg in args {
         if arg.is_dir() {
-            let before = inputs.len();
-            walk(arg, &mut inputs, &mut warnings);
-            if inputs.len() == before {
+            let before = inputs.len() + seen.duplicates;
+            walk(arg, &mut inputs, &mut seen, &mut warnings);
+            if inputs.len() + seen.duplicates == before {
                 warnings.push(format!(
                     "{}: no .jpg, .jpeg, .png, .webp or .gif files in this folder",
                     arg.display()
                 ));
             }
         } else {
-            inputs.push(arg);
+            seen.add(arg, &mut inputs);
         }
+    }
+    if seen.duplicates > 0 {
+        warnings.push(format!(
+            "{} path(s) name a file already listed under another name; each file is narrated \
+             once, under the first name found",
+            seen.duplicates
+        ));
     }
     // The list lives for the whole run: give back the growth slack.
     inputs.shrink_to_fit();
@@ -120,7 +155,7 @@ pub fn discover(args: &[PathBuf]) -> (Inputs, Vec<String>) {
 
 /// Depth first, each folder's entries sorted by name: the same order as sorting the full paths
 /// component by component, without ever holding more than one folder's listing.
-fn walk(dir: &Path, found: &mut Inputs, warnings: &mut Vec<String>) {
+fn walk(dir: &Path, found: &mut Inputs, seen: &mut Seen, warnings: &mut Vec<String>) {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {
@@ -138,9 +173,9 @@ fn walk(dir: &Path, found: &mut Inputs, warnings: &mut Vec<String>) {
         // Symlinked folders are not followed (no loops). Any other entry with an image extension
         // is attempted, a dangling link included: it becomes an error record, not a silent skip.
         if kind.is_dir() {
-            walk(&path, found, warnings);
+            walk(&path, found, seen, warnings);
         } else if has_image_extension(&path) && !(kind.is_symlink() && path.is_dir()) {
-            found.push(&path);
+            seen.add(&path, found);
         }
     }
 }
@@ -189,6 +224,45 @@ mod tests {
             ]
         );
         assert!(warnings.is_empty(), "{warnings:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn one_file_named_several_ways_is_listed_once_under_its_first_name() {
+        let dir = std::env::temp_dir().join(format!("vlm-cli-dups-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("img")).unwrap();
+        std::fs::write(dir.join("img/a.png"), b"x").unwrap();
+        std::fs::write(dir.join("img/b.png"), b"y").unwrap();
+        std::os::unix::fs::symlink(dir.join("img/a.png"), dir.join("img/link.png")).unwrap();
+        let img = dir.join("img");
+        let args = [
+            img.clone(),
+            PathBuf::from(format!("{}/", img.display())),
+            img.join("./a.png"),
+            img.join("a.png").canonicalize().unwrap(),
+            dir.join("missing.png"),
+            dir.join("missing.png"),
+        ];
+        let (inputs, warnings) = discover(&args);
+        let names: Vec<String> = inputs.into_iter().map(|i| i.shown()).collect();
+        assert_eq!(
+            names,
+            [
+                img.join("a.png").display().to_string(),
+                img.join("b.png").display().to_string(),
+                // Missing paths have no identity: each is an error record.
+                dir.join("missing.png").display().to_string(),
+                dir.join("missing.png").display().to_string(),
+            ]
+        );
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("6 path(s) name a file already listed")),
+            "{warnings:?}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

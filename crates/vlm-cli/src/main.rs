@@ -26,6 +26,8 @@ pub enum Exit {
     Server = 3,
     /// Unsupported: the Triton inference stub.
     Unsupported = 4,
+    /// A record could not be written (disk full, I/O error): the run stopped.
+    Output = 5,
     /// Interrupted (Ctrl-C).
     Interrupted = 130,
 }
@@ -75,9 +77,11 @@ const EXIT_CODES: &str = "Exit codes:
   0    every image succeeded (or there was nothing to do)
   1    the run finished but at least one image failed
   2    usage or configuration error (unknown backend, backend not compiled in, bad --config,
-       output exists without --resume/--overwrite)
+       output exists without --resume/--overwrite, output in use by another run)
   3    server unreachable or unhealthy at the pre-flight check
   4    unsupported: Triton inference is a stub (health is checked for real first)
+  5    the output could not be written (disk full, I/O error): the run stopped; the records
+       written are whole lines, and --resume finishes the job once the cause is fixed
   130  interrupted (Ctrl-C)";
 
 /// Narrate images through vLLM, LMDeploy or Triton — one interface, chosen by configuration.
@@ -157,9 +161,16 @@ pub struct GlobalOpts {
     /// Model name; by default the only model the server serves [setting: vlm_model]
     #[arg(long, global = true, value_name = "MODEL")]
     pub vlm_model: Option<String>,
-    /// Seconds to wait for one inference [setting: vlm_timeout, default 120]
+    /// Seconds to wait for one inference's whole answer, streamed or not [setting: vlm_timeout,
+    /// default 120]
     #[arg(long, global = true, value_name = "SECONDS")]
     pub vlm_timeout: Option<String>,
+    /// Seconds to wait for a connection to the server [setting: vlm_connect_timeout, default 5]
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub vlm_connect_timeout: Option<String>,
+    /// Seconds to wait for each health probe [setting: vlm_health_timeout, default 10]
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub vlm_health_timeout: Option<String>,
     /// Retries of a failed request (connection errors, 408, 429, 5xx gateway statuses)
     /// [setting: vlm_max_retries, default 2]
     #[arg(long, global = true, value_name = "N")]
@@ -216,6 +227,16 @@ impl GlobalOpts {
             ("vlm_base_url", self.vlm_base_url.clone(), "--vlm-base-url"),
             ("vlm_model", self.vlm_model.clone(), "--vlm-model"),
             ("vlm_timeout", self.vlm_timeout.clone(), "--vlm-timeout"),
+            (
+                "vlm_connect_timeout",
+                self.vlm_connect_timeout.clone(),
+                "--vlm-connect-timeout",
+            ),
+            (
+                "vlm_health_timeout",
+                self.vlm_health_timeout.clone(),
+                "--vlm-health-timeout",
+            ),
             (
                 "vlm_max_retries",
                 self.vlm_max_retries.clone(),
@@ -294,7 +315,10 @@ fn main() -> ExitCode {
     match result {
         Ok(exit) => exit.into(),
         Err(failure) => {
-            eprintln!("error: {}", failure.message);
+            eprintln!(
+                "error: {}",
+                vlm_core::text::escape_controls(&failure.message)
+            );
             failure.exit.into()
         }
     }

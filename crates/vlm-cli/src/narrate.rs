@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use futures_util::StreamExt as _;
 use sha2::{Digest, Sha256};
+use vlm_core::text::{escape_controls, shown_model};
 use vlm_core::{
     ImageInput, ImageMime, StreamEvent, VlmBackend, VlmClient, VlmError, VlmRequest,
-    describe_non_image,
+    describe_non_image, encode_data_url,
 };
 use vlm_factory::build_client;
 use vlm_testkit::{Emulator, EmulatorConfig, default_model};
@@ -34,7 +35,11 @@ Keys: path, sha256, backend, model, text, finish_reason, usage, latency_ms, erro
 
 Resume: --resume skips images whose last record is a success for the same path and sha256,
 redoes the rest, and cuts a torn last line. An existing non-empty --output is refused without
---resume or --overwrite.
+--resume or --overwrite. The output is locked while a run writes it: a second run on the same
+--output is refused (exit 2). A record that cannot be written (disk full) stops the run with
+exit 5; the file keeps whole lines only, and --resume finishes the job once there is room.
+
+--prompt-file: a regular text file of at most 1 MiB.
 
 Examples:
   vlm narrate --emulate assets/samples                 # no server needed: the built-in emulator
@@ -109,6 +114,9 @@ struct Prepared {
     request: VlmRequest,
 }
 
+/// Why an image could not be prepared: the message, with the sha256 when the bytes were read.
+type Unprepared = (Option<String>, String);
+
 impl Job {
     fn new(
         client: &Arc<dyn VlmClient>,
@@ -126,37 +134,33 @@ impl Job {
         }
     }
 
-    /// Reads and checks one image and builds its request; an error names the file and says why
-    /// (with the sha256 when the bytes could be read).
-    async fn prepare(&self, input: &Input) -> Result<Prepared, (Option<String>, String)> {
+    /// Reads, hashes and checks one image and builds its request, on the blocking pool: hashing
+    /// and base64-encoding a large image take milliseconds that must not stall the async
+    /// threads driving every other request. An error names the file and says why.
+    async fn prepare(&self, input: &Input) -> Result<Prepared, Unprepared> {
+        let path = input.path.clone();
         let shown = input.shown();
-        if input.path.to_str().is_none() {
-            return Err((
+        let (max_bytes, prompt) = (self.max_image_bytes, self.prompt.clone());
+        let (max_tokens, temperature) = (self.max_tokens, self.temperature);
+        let read = tokio::task::spawn_blocking(move || {
+            let (sha256, data_url) = read_hash_encode(&path, &shown, max_bytes)?;
+            let request = VlmRequest::builder(&*prompt)
+                .image(ImageInput::url(data_url))
+                .max_tokens(max_tokens)
+                .temperature(temperature)
+                .build()
+                .map_err(|e| (Some(sha256.clone()), e.to_string()))?;
+            Ok(Prepared { sha256, request })
+        });
+        read.await.unwrap_or_else(|e| {
+            Err((
                 None,
                 format!(
-                    "image {shown}: the path is not valid UTF-8, so its record could not name it faithfully (nor --resume match it); rename the file"
+                    "image {}: internal error while reading it: {e}",
+                    input.shown()
                 ),
-            ));
-        }
-        let bytes = read_limited(&input.path, self.max_image_bytes)
-            .await
-            .map_err(|m| (None, m))?;
-        let sha256 = hex(&Sha256::digest(&bytes));
-        // Sniffed here so the error names the file, not "<N bytes in memory>".
-        let Some(mime) = ImageMime::detect(&bytes) else {
-            let found = describe_non_image(&bytes);
-            return Err((
-                Some(sha256),
-                format!("image {shown}: not a PNG, JPEG, WebP or GIF image: {found}"),
-            ));
-        };
-        let request = VlmRequest::builder(&*self.prompt)
-            .image(ImageInput::bytes_with_mime(bytes, mime))
-            .max_tokens(self.max_tokens)
-            .temperature(self.temperature)
-            .build()
-            .map_err(|e| (Some(sha256.clone()), e.to_string()))?;
-        Ok(Prepared { sha256, request })
+            ))
+        })
     }
 
     /// A record with nothing but the error.
@@ -171,7 +175,7 @@ impl Job {
             path: input.shown(),
             sha256,
             backend: self.client.backend().to_string(),
-            model: self.client.model().to_owned(),
+            model: shown_model(self.client.model()),
             text: None,
             finish_reason: None,
             usage: None,
@@ -198,7 +202,7 @@ impl Job {
                 path: input.shown(),
                 sha256: Some(sha256),
                 backend: self.client.backend().to_string(),
-                model: answer.model,
+                model: shown_model(&answer.model),
                 text: Some(answer.text),
                 finish_reason: answer.finish_reason,
                 usage: answer.usage,
@@ -210,32 +214,96 @@ impl Job {
     }
 }
 
-/// Reads a file, refusing one over the size limit before reading it.
-async fn read_limited(path: &std::path::Path, max: u64) -> Result<Vec<u8>, String> {
-    let shown = path.display();
-    let meta = tokio::fs::metadata(path)
-        .await
-        .map_err(|e| format!("image {shown}: cannot read it: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("image {shown}: not a regular file"));
-    }
-    if meta.len() > max {
-        return Err(format!(
-            "image {shown}: {} bytes is over the limit of {max} bytes (vlm_max_image_bytes); downscale it or raise the limit",
-            meta.len()
+/// Reads a file (refusing one over the size limit before reading it, and anything that is not a
+/// regular file), hashes it, checks it is an image, and encodes it as a data URL. Blocking: run
+/// it on the blocking pool.
+fn read_hash_encode(
+    path: &std::path::Path,
+    shown: &str,
+    max: u64,
+) -> Result<(String, String), Unprepared> {
+    if path.to_str().is_none() {
+        return Err((
+            None,
+            format!(
+                "image {shown}: the path is not valid UTF-8, so its record could not name it faithfully (nor --resume match it); rename the file"
+            ),
         ));
     }
-    tokio::fs::read(path)
-        .await
-        .map_err(|e| format!("image {shown}: cannot read it: {e}"))
+    let cannot = |e: std::io::Error| (None, format!("image {shown}: cannot read it: {e}"));
+    let meta = std::fs::metadata(path).map_err(cannot)?;
+    if !meta.is_file() {
+        return Err((None, format!("image {shown}: not a regular file")));
+    }
+    let over = |len: u64| {
+        (
+            None,
+            format!(
+                "image {shown}: {len} bytes is over the limit of {max} bytes (vlm_max_image_bytes); downscale it or raise the limit"
+            ),
+        )
+    };
+    if meta.len() > max {
+        return Err(over(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    std::fs::File::open(path)
+        .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, max + 1), &mut bytes))
+        .map_err(cannot)?;
+    if bytes.len() as u64 > max {
+        return Err(over(bytes.len() as u64)); // it grew since the size was checked
+    }
+    let sha256 = hex(&Sha256::digest(&bytes));
+    // Sniffed here so the error names the file, not "<N bytes in memory>".
+    let Some(mime) = ImageMime::detect(&bytes) else {
+        let found = describe_non_image(&bytes);
+        return Err((
+            Some(sha256),
+            format!("image {shown}: not a PNG, JPEG, WebP or GIF image: {found}"),
+        ));
+    };
+    let data_url = encode_data_url(&bytes, mime);
+    Ok((sha256, data_url))
+}
+
+/// The largest `--prompt-file` read: 1 MiB. A prompt is text; anything larger is a mistake
+/// (`/dev/zero`, a photo given by accident).
+pub const MAX_PROMPT_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Reads `--prompt-file`: a regular file of at most [`MAX_PROMPT_FILE_BYTES`], UTF-8 text.
+/// Devices and FIFOs are refused before anything is read (a FIFO would block forever).
+fn read_prompt_file(file: &std::path::Path) -> Result<String, Failure> {
+    use std::io::Read as _;
+    let shown = file.display();
+    let fail = |why: String| Failure::usage(format!("--prompt-file {shown}: {why}"));
+    let meta = std::fs::metadata(file).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    if !meta.is_file() {
+        return Err(fail(
+            "not a regular file (a folder, device or FIFO); give a text file".to_owned(),
+        ));
+    }
+    let too_big = |len: u64| {
+        fail(format!(
+            "{len} bytes is over the {MAX_PROMPT_FILE_BYTES}-byte (1 MiB) limit for a prompt; is it the right file?"
+        ))
+    };
+    if meta.len() > MAX_PROMPT_FILE_BYTES {
+        return Err(too_big(meta.len()));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_PROMPT_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| fail(format!("cannot read it: {e}")))?;
+    if bytes.len() as u64 > MAX_PROMPT_FILE_BYTES {
+        return Err(too_big(bytes.len() as u64));
+    }
+    String::from_utf8(bytes).map_err(|_| fail("not UTF-8 text".to_owned()))
 }
 
 fn load_prompt(args: &NarrateArgs) -> Result<String, Failure> {
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
-        (None, Some(file)) => std::fs::read_to_string(file).map_err(|e| {
-            Failure::usage(format!("cannot read --prompt-file {}: {e}", file.display()))
-        })?,
+        (None, Some(file)) => read_prompt_file(file)?,
         (None, None) => DEFAULT_PROMPT.to_owned(),
     };
     let prompt = prompt.trim().to_owned();
@@ -310,33 +378,50 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
         eprint!("{report}");
         return Err(crate::not_ready(&*client, &report));
     }
-    tracing::info!("🤖 VLM: {}/{}", client.backend(), client.model());
+    tracing::info!(
+        "🤖 VLM: {}/{}",
+        client.backend(),
+        shown_model(client.model())
+    );
 
-    let (inputs, warnings) = discover(&args.paths);
-    for w in warnings {
-        tracing::warn!("{w}");
-    }
-
-    if args.stream {
-        let inputs = inputs.into_iter().collect();
-        let job = Job::new(&client, &prompt, &settings, Previous::default());
-        return stream_one(
-            &job,
-            inputs,
-            args.output.as_deref(),
-            (args.resume, args.overwrite),
-        )
-        .await;
-    }
-
-    let (mut sink, previous) = match &args.output {
+    // Opened, and locked, before anything is sent: a second run on the same output is refused
+    // here, and --stream never narrates an image it cannot record.
+    let (sink, previous) = match &args.output {
         Some(path) => crate::output::open(path, args.resume, args.overwrite)?,
         None => (Sink::Stdout, Previous::default()),
     };
+    warn_about_previous(&previous, &*client);
+
+    let (inputs, warnings) = discover(&args.paths);
+    for w in warnings {
+        tracing::warn!("{}", escape_controls(&w));
+    }
+    let job = Job::new(&client, &prompt, &settings, previous);
+    if args.stream {
+        let sink = args.output.is_some().then_some(sink);
+        return stream_one(&job, inputs.into_iter().collect(), sink).await;
+    }
+    narrate_all(
+        Arc::new(job),
+        inputs,
+        sink,
+        args.concurrency as usize,
+        global.quiet,
+    )
+    .await
+}
+
+/// Says what resuming found in the existing output.
+fn warn_about_previous(previous: &Previous, client: &dyn VlmClient) {
     if previous.torn_bytes > 0 {
         tracing::warn!(
             "cut a torn last line ({} bytes) from the output; that image will be redone",
             previous.torn_bytes
+        );
+    }
+    if previous.had_bom {
+        tracing::warn!(
+            "the output started with a UTF-8 byte-order mark; it was overwritten with spaces"
         );
     }
     if previous.bad_lines > 0 {
@@ -345,24 +430,45 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
             previous.bad_lines
         );
     }
-    let current = (client.backend().to_string(), client.model().to_owned());
+    let current = (client.backend().to_string(), shown_model(client.model()));
     if previous.runs.iter().any(|run| *run != current) {
         let seen: Vec<String> = previous
             .runs
             .iter()
-            .map(|(b, m)| format!("{b}/{m}"))
+            .map(|(b, m)| format!("{b}/{}", shown_model(m)))
             .collect();
         tracing::warn!(
             "the output holds records from {}; this run uses {}/{}",
-            seen.join(", "),
+            escape_controls(&seen.join(", ")),
             current.0,
             current.1
         );
     }
+}
 
+/// What a run did, for the summary and the exit code.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Successes written.
+    done: usize,
+    /// Error records written.
+    failed: usize,
+    /// Already done (resume).
+    skipped: usize,
+    /// Records that could not be written.
+    unwritten: usize,
+}
+
+/// Narrates every input with bounded concurrency, writing each record as its image finishes.
+async fn narrate_all(
+    job: Arc<Job>,
+    inputs: crate::files::Inputs,
+    mut sink: Sink,
+    concurrency: usize,
+    quiet: bool,
+) -> Result<Exit, Failure> {
     let total = inputs.len();
-    let job = Arc::new(Job::new(&client, &prompt, &settings, previous));
-    let progress = (std::io::stderr().is_terminal() && !global.quiet).then(|| {
+    let progress = (std::io::stderr().is_terminal() && !quiet).then(|| {
         let bar = indicatif::ProgressBar::new(total as u64);
         if let Ok(style) = indicatif::ProgressStyle::with_template(
             "{bar:40} {pos}/{len} images, {per_sec}, eta {eta}",
@@ -373,7 +479,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     });
 
     let started = Instant::now();
-    let (mut done, mut failed, mut skipped) = (0usize, 0usize, 0usize);
+    let mut tally = Tally::default();
     // Bounded concurrency that pulls the next image only when there is room; clearing `intake`
     // (Ctrl-C, an output that cannot be written) stops new work while work in flight finishes.
     let intake = Arc::new(AtomicBool::new(true));
@@ -384,12 +490,12 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
             .into_iter()
             .take_while(move |_| intake.load(Ordering::SeqCst))
     };
-    let results = vlm_core::batch::bounded(inputs, args.concurrency as usize, {
+    let results = vlm_core::batch::bounded(inputs, concurrency, {
         let (job, launched) = (job.clone(), launched.clone());
         move |input| {
             launched.fetch_add(1, Ordering::SeqCst);
-            // Spawned, so reading, hashing and encoding run on every core. Should the task die,
-            // the image still gets its (error) record: nothing is silently lost.
+            // Spawned, so requests run on every core. Should the task die, the image still gets
+            // its (error) record: nothing is silently lost.
             let job = job.clone();
             async move {
                 let task = tokio::spawn({
@@ -410,27 +516,29 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     let mut interrupts = Interrupts::new();
     let mut interrupted = false;
     let mut write_error = None;
-    let in_flight = |finished: usize| launched.load(Ordering::SeqCst).saturating_sub(finished);
+    let finished = |t: &Tally| t.done + t.failed + t.skipped + t.unwritten;
     loop {
         tokio::select! {
             joined = results.next() => {
                 let Some(joined) = joined else { break };
                 match joined {
-                    Outcome::Skipped => skipped += 1,
+                    Outcome::Skipped => tally.skipped += 1,
                     Outcome::Record(record) => {
                         if let Some(error) = &record.error {
-                            failed += 1;
-                            let line = format!("{}: {error}", record.path);
+                            let line = escape_controls(&format!("{}: {error}", record.path)).into_owned();
                             match &progress {
                                 Some(bar) => bar.println(format!("error: {line}")),
                                 None => tracing::error!("{line}"),
                             }
-                        } else {
-                            done += 1;
                         }
-                        if let Err(e) = sink.write(&record) {
-                            intake.store(false, Ordering::SeqCst);
-                            write_error.get_or_insert(e);
+                        match sink.write(&record) {
+                            Ok(()) if record.error.is_some() => tally.failed += 1,
+                            Ok(()) => tally.done += 1,
+                            Err(e) => {
+                                tally.unwritten += 1;
+                                intake.store(false, Ordering::SeqCst);
+                                write_error.get_or_insert(e);
+                            }
                         }
                     }
                 }
@@ -439,7 +547,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
                 }
             }
             () = interrupts.next() => {
-                let waiting = in_flight(done + failed + skipped);
+                let waiting = launched.load(Ordering::SeqCst).saturating_sub(finished(&tally));
                 if interrupted {
                     // Leaving drops the in-flight requests; the runtime is shut down on return.
                     tracing::warn!("interrupted again: aborting {waiting} request(s) in flight");
@@ -456,36 +564,53 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     if let Some(bar) = &progress {
         bar.finish_and_clear();
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let attempted = done + failed;
-    if !global.quiet {
-        eprintln!(
-            "narrated {done} of {total} image(s): {failed} failed, {skipped} skipped (already done), {} not started; {elapsed:.1} s, {:.2} images/s",
-            total - attempted - skipped,
-            if elapsed > 0.0 {
-                attempted as f64 / elapsed
-            } else {
-                0.0
-            }
-        );
+    if !quiet {
+        summarise(&tally, total, started.elapsed().as_secs_f64(), &sink);
     }
     if let Some(e) = write_error {
-        let target = match &sink {
-            Sink::File { path, .. } => path.display().to_string(),
-            Sink::Stdout => "stdout".to_owned(),
-        };
         return Err(Failure {
-            exit: Exit::SomeFailed,
-            message: format!("cannot write to {target}: {e}; the run stopped"),
+            exit: Exit::Output,
+            message: format!(
+                "cannot write to {}: {e}; the run stopped with {} record(s) written and {} \
+                 answer(s) not written; the output ends with whole lines: fix the cause (free \
+                 space) and run again with --resume to finish",
+                sink.name(),
+                tally.done + tally.failed,
+                tally.unwritten
+            ),
         });
     }
     Ok(if interrupted {
         Exit::Interrupted
-    } else if failed > 0 {
+    } else if tally.failed > 0 {
         Exit::SomeFailed
     } else {
         Exit::Ok
     })
+}
+
+/// The summary line: what was narrated and written, never counting what was lost.
+fn summarise(tally: &Tally, total: usize, elapsed: f64, sink: &Sink) {
+    let attempted = tally.done + tally.failed + tally.unwritten;
+    let not_started = total.saturating_sub(attempted + tally.skipped);
+    let unwritten = if tally.unwritten > 0 {
+        format!(", {} not written (output error)", tally.unwritten)
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "narrated {} of {total} image(s): {} failed, {} skipped (already done){unwritten}, {not_started} not started; {} record(s) written to {}; {elapsed:.1} s, {:.2} images/s",
+        tally.done,
+        tally.failed,
+        tally.skipped,
+        tally.done + tally.failed,
+        sink.name(),
+        if elapsed > 0.0 {
+            attempted as f64 / elapsed
+        } else {
+            0.0
+        }
+    );
 }
 
 /// SIGINT (Ctrl-C) as a stream of events.
@@ -528,13 +653,9 @@ impl Interrupts {
     }
 }
 
-/// `--stream`: one image, its text printed as it arrives.
-async fn stream_one(
-    job: &Job,
-    inputs: Vec<Input>,
-    output: Option<&std::path::Path>,
-    (resume, overwrite): (bool, bool),
-) -> Result<Exit, Failure> {
+/// `--stream`: one image, its text printed as it arrives; the record goes to `sink` (the
+/// already opened, locked `--output`) when there is one.
+async fn stream_one(job: &Job, inputs: Vec<Input>, sink: Option<Sink>) -> Result<Exit, Failure> {
     use std::io::Write as _;
     let [input] = <[Input; 1]>::try_from(inputs).map_err(|inputs| {
         Failure::usage(format!(
@@ -545,6 +666,13 @@ async fn stream_one(
     let started = Instant::now();
     let record = match job.prepare(&input).await {
         Err((sha256, error)) => job.failure(&input, sha256, error, 0),
+        Ok(Prepared { sha256, .. }) if job.previous.is_done(&input.shown(), &sha256) => {
+            tracing::info!(
+                "{}: already narrated in the output (--resume); nothing to do",
+                escape_controls(&input.shown())
+            );
+            return Ok(Exit::Ok);
+        }
         Ok(Prepared { sha256, request }) => {
             let mut record = job.failure(&input, Some(sha256.clone()), String::new(), 0);
             let streamed: Result<String, VlmError> = async {
@@ -581,13 +709,15 @@ async fn stream_one(
         }
     };
     if let Some(error) = &record.error {
-        tracing::error!("{}: {error}", record.path);
+        tracing::error!("{}", escape_controls(&format!("{}: {error}", record.path)));
     }
-    if let Some(path) = output {
-        let (mut sink, _) = crate::output::open(path, resume, overwrite)?;
+    if let Some(mut sink) = sink {
         sink.write(&record).map_err(|e| Failure {
-            exit: Exit::SomeFailed,
-            message: format!("cannot write to {}: {e}", path.display()),
+            exit: Exit::Output,
+            message: format!(
+                "cannot write to {}: {e}; the answer was not recorded",
+                sink.name()
+            ),
         })?;
     }
     Ok(if record.error.is_none() {

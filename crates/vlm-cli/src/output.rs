@@ -1,21 +1,35 @@
 //! The JSONL record, the output file, and resuming it.
+//!
+//! The output is opened once, before anything is sent, and held under an exclusive advisory
+//! lock (`flock`), so a second run on the same file is refused instead of writing duplicates or
+//! truncating it under the first; the kernel releases the lock when the process ends, however it
+//! ends. Each record is one `write_all` of a whole line; a write that fails part-way (a full
+//! disk) is cut back to the last whole line where the file system allows it.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use vlm_core::Usage;
 
 use crate::Failure;
+
+/// The longest line `--resume` reads as a record (64 MiB); a longer one is left in place and
+/// counted as not a record.
+const MAX_LINE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The UTF-8 byte-order mark some Windows editors put at the start of a text file.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// One line of the output: always exactly these keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// The path as discovered (the argument joined with the walked entry).
     pub path: String,
-    /// 64 lowercase hex digits of the exact bytes sent; null if unreadable.
+    /// 64 lowercase hex digits of the image file's bytes; null if unreadable.
     pub sha256: Option<String>,
     /// The backend.
     pub backend: String,
@@ -25,7 +39,7 @@ pub struct Record {
     pub text: Option<String>,
     /// Why generation stopped; null on error.
     pub finish_reason: Option<String>,
-    /// Token counts; null on error or when the server gave none.
+    /// Token counts; null on error or when the server gave none (or none that were counts).
     pub usage: Option<Usage>,
     /// Milliseconds for the request, retries included.
     pub latency_ms: u64,
@@ -35,16 +49,10 @@ pub struct Record {
 
 impl Record {
     /// The record as one line, newline included.
-    pub fn to_line(&self) -> String {
-        let mut line = serde_json::to_string(self).unwrap_or_else(|e| {
-            // Serialising plain strings and numbers cannot fail; keep the line valid regardless.
-            format!(
-                r#"{{"path":{:?},"error":"cannot serialise the record: {e}"}}"#,
-                self.path
-            )
-        });
-        line.push('\n');
-        line
+    pub fn to_line(&self) -> std::io::Result<Vec<u8>> {
+        let mut line = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        Ok(line)
     }
 }
 
@@ -52,29 +60,47 @@ impl Record {
 pub enum Sink {
     /// Standard output (no `--output`).
     Stdout,
-    /// An append-mode file.
+    /// The locked, append-mode output file.
     File {
-        /// The open file.
+        /// The open file (holding the lock).
         file: File,
         /// Its path, for messages.
         path: PathBuf,
+        /// The length of its whole lines: where the next record starts.
+        end: u64,
     },
 }
 
 impl Sink {
-    /// Writes one whole line with one `write_all`, then flushes.
+    /// Writes one whole line with one `write_all`. When that fails part-way, what reached the
+    /// file is cut back so the output still ends with a whole line (where the file system
+    /// allows it; otherwise `--resume` cuts the torn line).
     pub fn write(&mut self, record: &Record) -> std::io::Result<()> {
-        let line = record.to_line();
+        let line = record.to_line()?;
         match self {
             Sink::Stdout => {
                 let mut out = std::io::stdout().lock();
-                out.write_all(line.as_bytes())?;
+                out.write_all(&line)?;
                 out.flush()
             }
-            Sink::File { file, .. } => {
-                file.write_all(line.as_bytes())?;
-                file.flush()
-            }
+            Sink::File { file, end, .. } => match file.write_all(&line) {
+                Ok(()) => {
+                    *end += line.len() as u64;
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = file.set_len(*end);
+                    Err(e)
+                }
+            },
+        }
+    }
+
+    /// The output's name for messages: its path, or `stdout`.
+    pub fn name(&self) -> String {
+        match self {
+            Sink::File { path, .. } => path.display().to_string(),
+            Sink::Stdout => "stdout".to_owned(),
         }
     }
 }
@@ -97,26 +123,93 @@ pub fn normalise(path: &str) -> String {
 #[derive(Debug, Default)]
 pub struct Previous {
     /// Normalised path → the sha256 of its last record when that record is a success.
-    pub done: HashMap<String, Option<String>>,
+    done: HashMap<String, Option<[u8; 32]>>,
     /// The backend/model pairs seen.
     pub runs: BTreeSet<(String, String)>,
     /// Lines that were not records (reported, left in place).
     pub bad_lines: usize,
     /// Bytes of a torn last line that were cut.
     pub torn_bytes: u64,
+    /// Whether the file started with a UTF-8 byte-order mark (now overwritten with spaces).
+    pub had_bom: bool,
+}
+
+/// The fields of a previous record that resuming needs; the text is only checked for null.
+#[derive(Deserialize)]
+struct Seen<'a> {
+    #[serde(borrow)]
+    path: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    sha256: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    backend: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    model: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    text: Option<IgnoredAny>,
+    #[serde(default)]
+    error: Option<IgnoredAny>,
+}
+
+fn sha_bytes(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let digit = |b: u8| (b as char).to_digit(16);
+        out[i] = u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()?;
+    }
+    Some(out)
 }
 
 impl Previous {
     /// Whether `path` with these bytes already has a successful record.
     pub fn is_done(&self, path: &str, sha256: &str) -> bool {
-        matches!(self.done.get(&normalise(path)), Some(Some(sha)) if sha == sha256)
+        matches!(
+            (self.done.get(&normalise(path)), sha_bytes(sha256)),
+            (Some(Some(seen)), Some(now)) if *seen == now
+        )
+    }
+
+    /// Takes one line of the previous output into account.
+    fn add_line(&mut self, line: &[u8]) {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        let Ok(seen) = serde_json::from_slice::<Seen<'_>>(line) else {
+            self.bad_lines += 1;
+            return;
+        };
+        let success = seen.error.is_none() && seen.text.is_some();
+        let run = (seen.backend.into_owned(), seen.model.into_owned());
+        if !self.runs.contains(&run) {
+            self.runs.insert(run);
+        }
+        let sha = if success {
+            seen.sha256.as_deref().and_then(sha_bytes)
+        } else {
+            None
+        };
+        self.done.insert(normalise(&seen.path), sha);
     }
 }
 
-/// Refuses an existing non-empty output unless `--resume` or `--overwrite` says what to do with
-/// it; checked before anything is sent.
+/// Refuses what cannot be the output before anything is sent: a folder, or an existing
+/// non-empty file without `--resume` or `--overwrite` to say what to do with it.
 pub fn refuse_existing(path: &Path, resume: bool, overwrite: bool) -> Result<(), Failure> {
-    let existing = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let meta = std::fs::metadata(path).ok();
+    if meta.as_ref().is_some_and(std::fs::Metadata::is_dir) {
+        return Err(Failure::usage(format!(
+            "output {} is a folder; give --output a file, e.g. {}",
+            path.display(),
+            path.join("narrations.jsonl").display()
+        )));
+    }
+    let existing = meta
+        .filter(std::fs::Metadata::is_file)
+        .map_or(0, |m| m.len());
     if existing > 0 && !resume && !overwrite {
         return Err(Failure::usage(format!(
             "output {} already exists and is not empty; pass --resume to continue it (finished \
@@ -127,75 +220,136 @@ pub fn refuse_existing(path: &Path, resume: bool, overwrite: bool) -> Result<(),
     Ok(())
 }
 
-/// Opens the output as `--resume` / `--overwrite` say.
+/// Opens the output as `--resume` / `--overwrite` say, holding an exclusive lock on it for the
+/// rest of the run: a second run on the same output is refused (exit 2) whatever its flags.
 pub fn open(path: &Path, resume: bool, overwrite: bool) -> Result<(Sink, Previous), Failure> {
     let io = |what: &str, e: std::io::Error| {
         Failure::usage(format!("cannot {what} {}: {e}", path.display()))
     };
     refuse_existing(path, resume, overwrite)?;
-    let existing = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    let mut previous = Previous::default();
-    if overwrite {
-        File::create(path).map_err(|e| io("truncate", e))?;
-    }
-    // Append mode either way: every record is one whole line added at the end.
-    let file = {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(|e| io("open", e))?;
-        if resume && existing > 0 {
-            previous = read_previous(&mut file).map_err(|e| io("read", e))?;
+    // Append mode: every record is one whole line added at the end. Nothing is truncated
+    // before the lock is held.
+    let mut file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| io("open", e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            return Err(Failure::usage(format!(
+                "output {} is being written by another vlm run (it holds the file's lock); wait \
+                 for that run to finish, or give this one another --output",
+                path.display()
+            )));
         }
-        file
+        Err(TryLockError::Error(e)) => return Err(io("lock", e)),
+    }
+    // Checked again under the lock: another run may have written to it meanwhile.
+    refuse_existing(path, resume, overwrite)?;
+    if overwrite {
+        file.set_len(0).map_err(|e| io("truncate", e))?;
+    }
+    let previous = if resume {
+        read_previous(&mut file, path).map_err(|e| io("read", e))?
+    } else {
+        Previous::default()
     };
-    Ok((
-        Sink::File {
-            file,
-            path: path.to_owned(),
-        },
-        previous,
-    ))
+    let end = file.seek(SeekFrom::End(0)).map_err(|e| io("read", e))?;
+    let sink = Sink::File {
+        file,
+        path: path.to_owned(),
+        end,
+    };
+    Ok((sink, previous))
 }
 
-/// Reads the records, cutting a torn last line (one with no newline) back to the last newline.
-fn read_previous(file: &mut File) -> std::io::Result<Previous> {
-    let mut bytes = Vec::new();
+/// Reads the records line by line (memory stays flat however long the file), cutting a torn
+/// last line (one with no newline) back to the last newline, and overwriting a leading UTF-8
+/// byte-order mark with spaces (JSON allows leading white space).
+fn read_previous(file: &mut File, path: &Path) -> std::io::Result<Previous> {
     file.seek(SeekFrom::Start(0))?;
-    file.read_to_end(&mut bytes)?;
     let mut previous = Previous::default();
-    let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-    if keep < bytes.len() {
-        previous.torn_bytes = (bytes.len() - keep) as u64;
-        file.set_len(keep as u64)?;
-        bytes.truncate(keep);
-    }
-    for line in bytes
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-    {
-        match serde_json::from_slice::<Record>(line) {
-            Ok(record) => {
-                let success = record.error.is_none() && record.text.is_some();
-                previous
-                    .runs
-                    .insert((record.backend.clone(), record.model.clone()));
-                previous.done.insert(
-                    normalise(&record.path),
-                    if success { record.sha256 } else { None },
-                );
-            }
-            Err(_) => previous.bad_lines += 1,
+    let mut reader = BufReader::with_capacity(64 * 1024, &*file);
+    let mut line = Vec::new();
+    let mut whole = 0u64; // bytes of whole lines read
+    let mut first = true;
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_LINE_BYTES)
+            .read_until(b'\n', &mut line)? as u64;
+        if n == 0 {
+            break;
         }
+        if line.last() != Some(&b'\n') {
+            if n < MAX_LINE_BYTES {
+                previous.torn_bytes = n;
+                break;
+            }
+            // Far too long for a record: skip the rest of it, left in place.
+            let rest = skip_line(&mut reader)?;
+            if rest.1 {
+                whole += n + rest.0;
+                previous.bad_lines += 1;
+                continue;
+            }
+            previous.torn_bytes = n + rest.0;
+            break;
+        }
+        whole += n;
+        let mut content = &line[..];
+        if first && let Some(rest) = content.strip_prefix(BOM) {
+            previous.had_bom = true;
+            content = rest;
+        }
+        first = false;
+        previous.add_line(content);
+    }
+    drop(reader);
+    if previous.torn_bytes > 0 {
+        file.set_len(whole)?;
+    }
+    if previous.had_bom {
+        // The file is opened for appending (writes at an offset would append): another handle
+        // writes the three spaces in place.
+        let mut writer = OpenOptions::new().write(true).open(path)?;
+        writer.write_all(b"   ")?;
     }
     Ok(previous)
+}
+
+/// Consumes up to and including the next newline; returns the bytes consumed and whether a
+/// newline ended them.
+fn skip_line(reader: &mut impl BufRead) -> std::io::Result<(u64, bool)> {
+    let mut consumed = 0u64;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok((consumed, false));
+        }
+        match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => {
+                reader.consume(i + 1);
+                return Ok((consumed + i as u64 + 1, true));
+            }
+            None => {
+                let len = buf.len();
+                reader.consume(len);
+                consumed += len as u64;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SHA_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const SHA_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const SHA_C: &str = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
 
     fn record(path: &str, sha: &str, error: Option<&str>) -> Record {
         Record {
@@ -211,9 +365,17 @@ mod tests {
         }
     }
 
+    fn line(r: &Record) -> String {
+        String::from_utf8(r.to_line().unwrap()).unwrap()
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("vlm-cli-out-{}-{name}.jsonl", std::process::id()))
+    }
+
     #[test]
     fn the_record_has_exactly_the_decided_keys_in_order() {
-        let line = record("a.jpg", "ab", None).to_line();
+        let line = line(&record("a.jpg", "ab", None));
         let value: serde_json::Value = serde_json::from_str(&line).unwrap();
         let keys: Vec<&String> = value.as_object().unwrap().keys().collect();
         let mut want = [
@@ -251,12 +413,12 @@ mod tests {
 
     #[test]
     fn resume_cuts_a_torn_line_and_the_last_record_per_path_wins() {
-        let path = std::env::temp_dir().join(format!("vlm-cli-out-{}.jsonl", std::process::id()));
+        let path = temp("torn");
         let mut content = String::new();
-        content += &record("./a.jpg", "aa", Some("boom")).to_line();
-        content += &record("a.jpg", "aa", None).to_line();
-        content += &record("b.jpg", "bb", None).to_line();
-        content += &record("b.jpg", "bb", Some("later failure")).to_line();
+        content += &line(&record("./a.jpg", SHA_A, Some("boom")));
+        content += &line(&record("a.jpg", SHA_A, None));
+        content += &line(&record("b.jpg", SHA_B, None));
+        content += &line(&record("b.jpg", SHA_B, Some("later failure")));
         content += "not json\n";
         content += r#"{"path":"c.jpg","sha2"#;
         std::fs::write(&path, &content).unwrap();
@@ -265,20 +427,72 @@ mod tests {
             open(&path, false, false).err().unwrap().exit,
             crate::Exit::Usage
         );
-        let (_, previous) = open(&path, true, false).unwrap();
-        assert!(previous.is_done("a.jpg", "aa"));
-        assert!(!previous.is_done("a.jpg", "changed"));
+        let (sink, previous) = open(&path, true, false).unwrap();
+        assert!(previous.is_done("a.jpg", SHA_A));
+        assert!(!previous.is_done("a.jpg", SHA_C));
         assert!(
-            !previous.is_done("b.jpg", "bb"),
+            !previous.is_done("b.jpg", SHA_B),
             "the last record, a failure, wins"
         );
-        assert!(!previous.is_done("c.jpg", "cc"));
+        assert!(!previous.is_done("c.jpg", SHA_C));
         assert_eq!((previous.bad_lines, previous.torn_bytes), (1, 21));
+        drop(sink);
         let after = std::fs::read_to_string(&path).unwrap();
         assert!(
             after.ends_with("not json\n"),
             "the torn line is cut: {after:?}"
         );
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_leading_byte_order_mark_is_accepted_and_leaves_the_file() {
+        let path = temp("bom");
+        let mut content = BOM.to_vec();
+        content.extend_from_slice(line(&record("a.jpg", SHA_A, None)).as_bytes());
+        content.extend_from_slice(line(&record("b.jpg", SHA_B, None)).as_bytes());
+        std::fs::write(&path, &content).unwrap();
+        let (sink, previous) = open(&path, true, false).unwrap();
+        drop(sink);
+        assert!(previous.had_bom);
+        assert_eq!(previous.bad_lines, 0);
+        assert!(previous.is_done("a.jpg", SHA_A), "the first record counts");
+        assert!(previous.is_done("b.jpg", SHA_B));
+        let after = std::fs::read(&path).unwrap();
+        assert!(!after.starts_with(BOM) && after.starts_with(b"   {"));
+        // Every line is still JSON.
+        for l in String::from_utf8(after).unwrap().lines() {
+            serde_json::from_str::<serde_json::Value>(l).unwrap();
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_second_opener_is_refused_while_the_first_holds_the_lock() {
+        let path = temp("lock");
+        let _ = std::fs::remove_file(&path);
+        let (first, _) = open(&path, false, false).unwrap();
+        for (resume, overwrite) in [(false, false), (true, false), (false, true)] {
+            let err = open(&path, resume, overwrite).err().unwrap();
+            assert_eq!(err.exit, crate::Exit::Usage);
+            assert!(
+                err.message.contains("another vlm run") && err.message.contains("lock"),
+                "{}",
+                err.message
+            );
+        }
+        drop(first);
+        assert!(open(&path, true, false).is_ok(), "free again once closed");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_folder_is_not_an_output_even_when_empty() {
+        let dir = std::env::temp_dir().join(format!("vlm-cli-out-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = refuse_existing(&dir, false, false).err().unwrap();
+        assert!(err.message.contains("is a folder"), "{}", err.message);
+        assert!(!err.message.contains("not empty"), "{}", err.message);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

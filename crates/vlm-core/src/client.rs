@@ -192,7 +192,7 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Timeout of establishing a connection (`vlm_connect_timeout`).
     pub connect_timeout: Duration,
-    /// Timeout of each health probe.
+    /// Timeout of each health probe (`vlm_health_timeout`).
     pub health_timeout: Duration,
     /// How many times a failed request may be retried (`vlm_max_retries`).
     pub max_retries: u32,
@@ -208,7 +208,7 @@ impl ClientConfig {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
     /// Default connect timeout (`vlm_connect_timeout`).
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-    /// Default health-probe timeout.
+    /// Default health-probe timeout (`vlm_health_timeout`).
     pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
     /// Default retries (`vlm_max_retries`).
     pub const DEFAULT_MAX_RETRIES: u32 = 2;
@@ -287,11 +287,29 @@ impl ClientConfig {
     }
 }
 
+/// A URL as it may be shown: `user:pass@` masked as `***@`, and a query or fragment (where keys
+/// are sometimes passed, `?api_key=...`) masked as `?***` / `#***`.
+fn shown_url(url: &str) -> String {
+    let (url, hidden_tail) = match url.find(['?', '#']) {
+        Some(i) => (&url[..i], format!("{}***", &url[i..=i])),
+        None => (url, String::new()),
+    };
+    let masked = match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        (None, Some(at)) => format!("***{}", &url[at..]),
+        _ => url.to_owned(),
+    };
+    masked + &hidden_tail
+}
+
 /// Normalises a base URL once, so joining paths is never surprising.
 ///
 /// OpenAI-compatible backends get `/v1` when the path is empty and always a trailing `/`
-/// (`Url::join("chat/completions")` on `http://h/v1` would drop `v1`); Triton is stripped to the
-/// root. A URL without a scheme gets `http://`.
+/// (`Url::join("chat/completions")` on `http://h/v1` would drop `v1`); Triton keeps a path
+/// prefix (a gateway's `/triton`) and loses only a trailing `/v1` or `/v2`. A URL without a
+/// scheme gets `http://`.
 ///
 /// ```
 /// use vlm_core::{normalize_base_url, VlmBackend};
@@ -302,17 +320,13 @@ impl ClientConfig {
 /// assert_eq!(vllm("http://localhost:8000/v1"), "http://localhost:8000/v1/");
 /// let triton = normalize_base_url(VlmBackend::Triton, "http://h:9000/v1/").unwrap();
 /// assert_eq!(triton.as_str(), "http://h:9000/");
+/// let behind_a_gateway = normalize_base_url(VlmBackend::Triton, "http://gw/triton/v2").unwrap();
+/// assert_eq!(behind_a_gateway.as_str(), "http://gw/triton/");
 /// ```
 pub fn normalize_base_url(backend: VlmBackend, input: &str) -> Result<Url, VlmError> {
     let trimmed = input.trim();
     // Never echo credentials: `http://user:secret@host` is shown as `http://***@host`.
-    let shown = match (trimmed.find("://"), trimmed.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &trimmed[..scheme], &trimmed[at..])
-        }
-        (None, Some(at)) => format!("***{}", &trimmed[at..]),
-        _ => trimmed.to_owned(),
-    };
+    let shown = shown_url(trimmed);
     let bad = |why: &str| {
         VlmError::config(format!(
             "invalid base URL {shown:?} for {backend}: {why}; use a URL such as {}",
@@ -352,16 +366,33 @@ pub fn normalize_base_url(backend: VlmBackend, input: &str) -> Result<Url, VlmEr
             url.set_path(&format!("{path}/"));
         }
     } else {
-        url.set_path("/");
+        let path = url.path().trim_end_matches('/');
+        let prefix = path
+            .strip_suffix("/v1")
+            .or_else(|| path.strip_suffix("/v2"))
+            .unwrap_or(path)
+            .to_owned();
+        url.set_path(&format!("{prefix}/"));
     }
     Ok(url)
 }
 
-/// The server root of a base URL (`http://h:p/v1/` → `http://h:p/`): health and version routes
-/// live there, not under `/v1`.
+/// The server root of a base URL: the base without a trailing `/v1` (`http://h:p/v1/` →
+/// `http://h:p/`). Health and version routes live there, not under `/v1`; a gateway's path
+/// prefix stays (`http://gw/llama/v1/` → `http://gw/llama/`).
+///
+/// ```
+/// use vlm_core::{server_root, Url};
+/// let root = |s: &str| server_root(&Url::parse(s).unwrap()).to_string();
+/// assert_eq!(root("http://h:8000/v1/"), "http://h:8000/");
+/// assert_eq!(root("http://gw:8080/llama/v1/"), "http://gw:8080/llama/");
+/// assert_eq!(root("http://gw:8080/llama/"), "http://gw:8080/llama/");
+/// ```
 pub fn server_root(base_url: &Url) -> Url {
     let mut root = base_url.clone();
-    root.set_path("/");
+    let path = base_url.path().trim_end_matches('/');
+    let prefix = path.strip_suffix("/v1").unwrap_or(path);
+    root.set_path(&format!("{prefix}/"));
     root
 }
 
@@ -427,6 +458,14 @@ mod tests {
             (VlmBackend::Triton, "h:8000", "http://h:8000/"),
             (VlmBackend::Triton, "h:8000/v1", "http://h:8000/"),
             (VlmBackend::Triton, "h:8000/v1/", "http://h:8000/"),
+            (VlmBackend::Triton, "h:8000/v2", "http://h:8000/"),
+            (VlmBackend::Triton, "gw/triton/v1", "http://gw/triton/"),
+            (VlmBackend::Triton, "gw/triton", "http://gw/triton/"),
+            (
+                VlmBackend::Vllm,
+                "gw:8080/llama/v1",
+                "http://gw:8080/llama/v1/",
+            ),
         ];
         for (backend, input, want) in cases {
             let got = normalize_base_url(backend, input).map(|u| u.to_string());
@@ -452,6 +491,11 @@ mod tests {
                 .to_string();
             assert!(!err.contains("hunter2") && err.contains("***@h"), "{err}");
         }
+        // A key in the query string is masked like a password.
+        let err = normalize_base_url(VlmBackend::Vllm, "http://h:8000/v1?api_key=hunter2")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2") && err.contains("/v1?***"), "{err}");
     }
 
     #[test]

@@ -52,10 +52,10 @@ pub enum VlmError {
         start_command: String,
     },
 
-    /// No answer within the timeout.
+    /// No (whole) answer within the timeout.
     #[error(
-        "no answer from the {backend} server at {url} within {:.1} s; raise `--vlm-timeout` \
-         (vlm_timeout) or check the server's load", after.as_secs_f64()
+        "no answer from the {backend} server at {url} within {:.1} s; raise `{}` ({setting}) \
+         or check the server's load", after.as_secs_f64(), flag_of(setting)
     )]
     Timeout {
         /// The backend that was being called.
@@ -64,6 +64,37 @@ pub enum VlmError {
         url: String,
         /// How long the client waited.
         after: Duration,
+        /// The setting that governs this wait: `vlm_timeout` for inference (the whole answer,
+        /// streamed or not), `vlm_health_timeout` for health probes.
+        setting: &'static str,
+    },
+
+    /// The response headers arrived, then the connection broke before the body was whole. The
+    /// server may have finished the work (a whole generation), so this is not re-sent unless
+    /// `vlm_retry_timeouts` allows it.
+    #[error(
+        "the {backend} server at {url} answered HTTP {status}, then the connection broke before \
+         the body was complete ({reason}); the server may have done the work, so it was not sent \
+         again (set vlm_retry_timeouts = true to re-send such requests)"
+    )]
+    ResponseCut {
+        /// The backend that was being called.
+        backend: VlmBackend,
+        /// The URL that was being called.
+        url: String,
+        /// The status of the response whose body was cut.
+        status: u16,
+        /// The transport's own description.
+        reason: String,
+    },
+
+    /// The server answered successfully but the answer has no text (`content` null or empty).
+    #[error("the {backend} server returned an empty answer: {detail}")]
+    EmptyAnswer {
+        /// The backend that was being called.
+        backend: VlmBackend,
+        /// What the server sent instead (finish reason, reasoning only) and what to do.
+        detail: String,
     },
 
     /// The server answered with an HTTP error status.
@@ -132,6 +163,11 @@ pub enum VlmError {
     },
 }
 
+/// `vlm_health_timeout` -> `--vlm-health-timeout`.
+fn flag_of(setting: &str) -> String {
+    format!("--{}", setting.replace('_', "-"))
+}
+
 fn advice_for(status: u16) -> &'static str {
     match status {
         401 | 403 => {
@@ -167,6 +203,38 @@ impl VlmError {
         ))
     }
 
+    /// The error for an answer without text ([`EmptyAnswer`](Self::EmptyAnswer)), saying what
+    /// came instead (the finish reason, reasoning only) and what to do.
+    ///
+    /// ```
+    /// use vlm_core::{VlmBackend, VlmError};
+    /// let e = VlmError::empty_answer(VlmBackend::Vllm, Some("length"), 0);
+    /// assert!(e.to_string().contains("raise max_tokens"));
+    /// ```
+    pub fn empty_answer(
+        backend: VlmBackend,
+        finish_reason: Option<&str>,
+        reasoning_chars: usize,
+    ) -> Self {
+        let finish = finish_reason.map_or_else(
+            || "no finish_reason".to_owned(),
+            |f| format!("finish_reason {f:?}"),
+        );
+        let detail = match (finish_reason, reasoning_chars) {
+            (Some("length"), r @ 1..) => format!(
+                "{finish} after {r} characters of reasoning and no answer text; raise max_tokens \
+                 (--max-tokens / vlm_max_tokens) so the model can finish thinking and answer"
+            ),
+            (Some("length"), 0) => format!(
+                "{finish} before any answer text; raise max_tokens (--max-tokens / \
+                 vlm_max_tokens)"
+            ),
+            (_, r @ 1..) => format!("{finish} with {r} characters of reasoning but no answer text"),
+            _ => format!("{finish} with no text (content null or blank)"),
+        };
+        VlmError::EmptyAnswer { backend, detail }
+    }
+
     /// The HTTP status, for [`Http`](Self::Http) errors.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -179,13 +247,25 @@ impl VlmError {
     /// 408, 429 and 5xx gateway/overload statuses. Never configuration, image or other 4xx errors.
     pub fn is_retryable(&self) -> bool {
         match self {
-            VlmError::Unreachable { .. } | VlmError::Timeout { .. } => true,
+            VlmError::Unreachable { .. }
+            | VlmError::Timeout { .. }
+            | VlmError::ResponseCut { .. } => true,
             VlmError::Http { status, .. } => {
                 matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
             }
             VlmError::Transport { .. } => true,
             _ => false,
         }
+    }
+
+    /// Whether the server may have run the request although no whole answer arrived: a timeout,
+    /// or a response cut off after its headers. Sending it again may repeat a whole generation,
+    /// so the transport does that only when `vlm_retry_timeouts` is on.
+    pub fn may_have_run(&self) -> bool {
+        matches!(
+            self,
+            VlmError::Timeout { .. } | VlmError::ResponseCut { .. }
+        )
     }
 
     /// Whether this is a timeout.

@@ -5,6 +5,7 @@ use std::fmt;
 use url::Url;
 
 use crate::backend::VlmBackend;
+use crate::text::shown_model;
 
 /// Where a server stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,12 +112,18 @@ impl fmt::Display for HealthReport {
         if let Some(reason) = self.state.reason() {
             writeln!(f, "reason: {reason}")?;
         }
-        writeln!(f, "model: {}", self.model.as_deref().unwrap_or("(unknown)"))?;
+        // Names and versions are the server's choice: shown escaped and capped.
+        let model = self
+            .model
+            .as_deref()
+            .map_or("(unknown)".to_owned(), shown_model);
+        writeln!(f, "model: {model}")?;
         if !self.served_models.is_empty() {
-            writeln!(f, "served models: {}", self.served_models.join(", "))?;
+            let served: Vec<String> = self.served_models.iter().map(|m| shown_model(m)).collect();
+            writeln!(f, "served models: {}", served.join(", "))?;
         }
         if let Some(v) = &self.server_version {
-            writeln!(f, "server version: {v}")?;
+            writeln!(f, "server version: {}", shown_model(v))?;
         }
         for p in &self.probes {
             let status = p.status.map_or("-".to_owned(), |s| s.to_string());

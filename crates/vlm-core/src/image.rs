@@ -1,7 +1,11 @@
 //! Images attached to a request, and MIME detection from magic numbers.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
+use base64::Engine as _;
+use base64::engine::Simd;
+use base64::engine::general_purpose::PAD;
 use bytes::Bytes;
 
 use crate::error::VlmError;
@@ -64,6 +68,30 @@ impl ImageMime {
             _ => None,
         }
     }
+}
+
+/// The base64 engine every image is encoded with: built once, runtime CPU detection picks
+/// AVX2/NEON, else the scalar engine.
+pub(crate) fn engine() -> &'static Simd {
+    static ENGINE: OnceLock<Simd> = OnceLock::new();
+    ENGINE.get_or_init(|| Simd::standard(PAD))
+}
+
+/// Encodes image bytes as a `data:<mime>;base64,...` URL, the form the servers take.
+///
+/// For callers that prepare requests away from the async threads (the encoding of a large image
+/// takes milliseconds): pass the result as [`ImageInput::url`].
+///
+/// ```
+/// use vlm_core::{ImageMime, encode_data_url};
+/// assert_eq!(encode_data_url(b"GIF89a", ImageMime::Gif), "data:image/gif;base64,R0lGODlh");
+/// ```
+pub fn encode_data_url(data: &[u8], mime: ImageMime) -> String {
+    let prefix = format!("data:{};base64,", mime.as_str());
+    let mut out = String::with_capacity(prefix.len() + data.len().div_ceil(3) * 4);
+    out.push_str(&prefix);
+    engine().encode_string(data, &mut out);
+    out
 }
 
 /// Describes what the first bytes of a non-image look like, for error messages.
@@ -210,11 +238,12 @@ impl ImageInput {
             }
             ImageInput::Path(path) => load_path(path, max_bytes).await,
             ImageInput::Url(url) => {
-                let lower = url.to_ascii_lowercase();
-                if lower.starts_with("http://")
-                    || lower.starts_with("https://")
-                    || lower.starts_with("data:image/")
-                {
+                // Only the scheme is looked at: a data URL may be megabytes long.
+                let starts = |p: &str| {
+                    url.get(..p.len())
+                        .is_some_and(|head| head.eq_ignore_ascii_case(p))
+                };
+                if starts("http://") || starts("https://") || starts("data:image/") {
                     Ok(LoadedImage::Url(url.clone()))
                 } else {
                     Err(VlmError::Image {

@@ -39,14 +39,14 @@ mod request;
 mod response;
 pub mod retry;
 pub mod stream;
-mod text;
+pub mod text;
 pub mod transport;
 
 pub use backend::{VlmBackend, edit_distance};
 pub use client::{ApiKey, ClientConfig, ModelSlot, VlmClient, normalize_base_url, server_root};
 pub use error::VlmError;
 pub use health::{HealthProbe, HealthReport, HealthState};
-pub use image::{ImageInput, ImageMime, LoadedImage, describe_non_image};
+pub use image::{ImageInput, ImageMime, LoadedImage, describe_non_image, encode_data_url};
 pub use request::{RESERVED_FIELDS, ResponseFormat, VlmRequest, VlmRequestBuilder};
 pub use response::{Usage, VlmResponse};
 pub use stream::{StreamEvent, VlmStream};

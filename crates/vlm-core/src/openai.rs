@@ -1,12 +1,9 @@
 //! The OpenAI chat-completions protocol: the one payload builder, response parsing, model lists
 //! and the decoding of every error-body shape vLLM, LMDeploy, Triton and proxies send.
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use base64::engine::Simd;
-use base64::engine::general_purpose::PAD;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -14,17 +11,11 @@ use crate::backend::VlmBackend;
 use crate::client::ModelSlot;
 use crate::error::VlmError;
 use crate::health::{HealthProbe, HealthReport, HealthState};
-use crate::image::LoadedImage;
+use crate::image::{LoadedImage, engine};
 use crate::request::VlmRequest;
 use crate::response::{Usage, VlmResponse};
-use crate::text::body_snippet;
-use crate::transport::{Auth, RawResponse, Transport};
-
-fn engine() -> &'static Simd {
-    // Built once: runtime CPU detection picks AVX2/NEON, else the scalar engine.
-    static ENGINE: OnceLock<Simd> = OnceLock::new();
-    ENGINE.get_or_init(|| Simd::standard(PAD))
-}
+use crate::text::{MAX_MESSAGE_BYTES, ServerText, body_snippet, shown_model};
+use crate::transport::{Auth, Budget, RawResponse, Transport};
 
 /// Options of the payload that depend on the backend, not the request.
 #[derive(Debug, Clone, Copy, Default)]
@@ -166,6 +157,15 @@ pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
     out.reserve(s.len() + 2);
     out.push(b'"');
     let bytes = s.as_bytes();
+    // Most strings (a pre-encoded `data:` URL above all) need no escape: one branch-free scan,
+    // then one copy.
+    if !bytes.iter().fold(false, |any, &b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    }) {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let escape: &[u8] = match b {
@@ -320,8 +320,24 @@ struct ChatCompletion {
     model: Option<String>,
     #[serde(default)]
     choices: Vec<Choice>,
+    /// Kept raw: counts a server got wrong (`1e400`, `1.5`) must not cost the answer.
     #[serde(default)]
-    usage: Option<Usage>,
+    usage: Option<Box<serde_json::value::RawValue>>,
+}
+
+/// The token counts of a `usage` object, or `None` (with a warning) when they are not counts.
+pub(crate) fn lenient_usage(backend: VlmBackend, raw: &str) -> Option<Usage> {
+    match serde_json::from_str::<Option<Usage>>(raw) {
+        Ok(usage) => usage,
+        Err(e) => {
+            tracing::warn!(
+                "the {backend} server's usage is not token counts ({e}): {}; the answer is kept \
+                 and its usage recorded as null",
+                crate::text::escape_controls(crate::text::truncate(raw, 200))
+            );
+            None
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -346,13 +362,20 @@ struct ChoiceMessage {
 
 /// Parses a successful chat-completions response.
 ///
-/// LMDeploy <= 0.15 reports engine errors as HTTP 200 with `finish_reason: "error"` and the
-/// message in the content: that is returned as [`VlmError::Generation`], never as a success.
+/// - LMDeploy <= 0.15 reports engine errors as HTTP 200 with `finish_reason: "error"` and the
+///   message in the content: that is returned as [`VlmError::Generation`], never as a success.
+/// - An answer with no text (`content` null or blank) is [`VlmError::EmptyAnswer`], never a
+///   success with `""`.
+/// - Usage counts that are not counts (`1e400`, `1.5`) are dropped with a warning; the answer
+///   is kept.
+/// - Server-chosen text is cleaned by `clean` (the API key redacted; messages also escaped and
+///   capped).
 pub fn parse_chat_response(
     backend: VlmBackend,
     resp: &RawResponse,
     requested_model: &str,
     latency: Duration,
+    clean: &ServerText,
 ) -> Result<VlmResponse, VlmError> {
     let protocol = |message: String| VlmError::Protocol {
         backend,
@@ -380,17 +403,29 @@ pub fn parse_chat_response(
         let message = if text.trim().is_empty() {
             "finish_reason \"error\" with no message; see the server's log".to_owned()
         } else {
-            text
+            clean.clean(&text, MAX_MESSAGE_BYTES)
         };
         return Err(VlmError::Generation { backend, message });
     }
+    let reasoning = message.reasoning.or(message.reasoning_content);
+    if text.trim().is_empty() {
+        let finish = choice.finish_reason.as_deref().map(|f| clean.clean(f, 64));
+        return Err(VlmError::empty_answer(
+            backend,
+            finish.as_deref(),
+            reasoning.as_deref().map_or(0, |r| r.trim().chars().count()),
+        ));
+    }
     Ok(VlmResponse {
-        text,
-        reasoning: message.reasoning.or(message.reasoning_content),
-        finish_reason: choice.finish_reason,
-        usage: completion.usage,
+        text: clean.redact(&text).into_owned(),
+        reasoning: reasoning.map(|r| clean.redact(&r).into_owned()),
+        finish_reason: choice.finish_reason.map(|f| clean.clean(&f, 64)),
+        usage: completion
+            .usage
+            .and_then(|raw| lenient_usage(backend, raw.get())),
         model: completion
             .model
+            .map(|m| clean.redact(&m).into_owned())
             .unwrap_or_else(|| requested_model.to_owned()),
         backend,
         latency,
@@ -474,7 +509,7 @@ impl OpenAiChat {
         let started = Instant::now();
         let resp = self
             .transport
-            .post_json_with_retries(&url, body.into(), self.transport.timeout)
+            .post_json_with_retries(&url, body.into())
             .await?;
         if !resp.is_success() {
             return Err(self.transport.http_error(&resp));
@@ -484,6 +519,7 @@ impl OpenAiChat {
             &resp,
             model.unwrap_or(""),
             started.elapsed(),
+            self.transport.server_text(),
         )
     }
 
@@ -505,15 +541,22 @@ impl OpenAiChat {
             .await?;
         let url = self.transport.endpoint("chat/completions");
         let timeout = self.transport.timeout;
+        // The whole answer, streamed or not, is bounded by vlm_timeout.
+        let deadline = tokio::time::Instant::now() + timeout;
         let resp = self
             .transport
             .post_json_streaming(&url, body.into(), timeout)
             .await?;
         Ok(crate::stream::sse_events(
-            self.transport.backend(),
-            url.to_string(),
+            crate::stream::StreamContext {
+                backend: self.transport.backend(),
+                url: url.to_string(),
+                chunk_timeout: timeout,
+                total_timeout: timeout,
+                deadline,
+                clean: self.transport.server_text().clone(),
+            },
             resp.bytes_stream(),
-            timeout,
         ))
     }
 
@@ -523,15 +566,12 @@ impl OpenAiChat {
         probes: &mut Vec<HealthProbe>,
     ) -> Result<Vec<ServedModel>, VlmError> {
         let url = self.transport.endpoint("models");
-        let resp = self
-            .transport
-            .get(&url, Auth::Bearer, self.transport.health_timeout)
-            .await;
+        let resp = self.transport.get(&url, Auth::Bearer, Budget::Health).await;
         let route = format!("GET {}", url.path());
         match resp {
             Ok(resp) if resp.is_success() => {
                 let models = parse_model_list(self.transport.backend(), &resp)?;
-                let names: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+                let names: Vec<String> = models.iter().map(|m| shown_model(&m.id)).collect();
                 probes.push(HealthProbe {
                     route,
                     status: Some(resp.status),
@@ -595,7 +635,7 @@ pub fn resolve_model(report: &mut HealthReport, slot: &ModelSlot) -> Result<(), 
                     reason: format!(
                         "model {model:?} is not served; the server serves {}; set --vlm-model \
                          (vlm_model / vlm_{}_model) to one of them",
-                        served.join(", "),
+                        shown_models(served),
                         report.backend
                     ),
                 };
@@ -617,13 +657,21 @@ pub fn resolve_model(report: &mut HealthReport, slot: &ModelSlot) -> Result<(), 
                      one with --vlm-model (or vlm_model / vlm_{}_model)",
                     report.backend,
                     report.base_url,
-                    several.join(", "),
+                    shown_models(several),
                     report.backend
                 )));
             }
         },
     }
     Ok(())
+}
+
+fn shown_models(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| shown_model(n))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A short note for a probe that failed.

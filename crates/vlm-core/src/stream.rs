@@ -4,7 +4,9 @@
 //! chunk with `choices: []` (sent only when `stream_options.include_usage` was asked for); a
 //! mid-stream `data: {"error": ...}` (or LMDeploy's flat error object, or a chunk whose
 //! `finish_reason` is `"error"`), which becomes an error item; and `data: [DONE]`, which ends the
-//! stream. Each wait for the next chunk is bounded by a timeout.
+//! stream. Each wait for the next chunk is bounded by a timeout, and the whole answer by a
+//! deadline: a server that trickles one token every few seconds cannot keep a stream open
+//! forever.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -18,8 +20,9 @@ use serde_json::Value;
 
 use crate::backend::VlmBackend;
 use crate::error::VlmError;
-use crate::openai::decode_error_body;
+use crate::openai::{decode_error_body, lenient_usage};
 use crate::response::Usage;
+use crate::text::{MAX_MESSAGE_BYTES, ServerText};
 
 /// One piece of a streamed answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,39 +56,55 @@ pub fn parse_sse_data(
     backend: VlmBackend,
     data: &str,
 ) -> Result<Option<Vec<StreamEvent>>, VlmError> {
+    parse_chunk(backend, data, &ServerText::default())
+}
+
+/// The fields of a chunk this client reads; `usage` is kept raw so that counts a server got
+/// wrong (`1e400`) cost only the usage, not the answer.
+#[derive(serde::Deserialize)]
+struct Chunk<'a> {
+    #[serde(default)]
+    choices: Option<Vec<Value>>,
+    #[serde(default, borrow)]
+    usage: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    error: Option<Value>,
+    #[serde(default)]
+    object: Option<String>,
+}
+
+fn parse_chunk(
+    backend: VlmBackend,
+    data: &str,
+    clean: &ServerText,
+) -> Result<Option<Vec<StreamEvent>>, VlmError> {
     let data = data.trim();
     if data == "[DONE]" {
         return Ok(None);
     }
-    let value: Value = serde_json::from_str(data).map_err(|e| VlmError::Protocol {
+    let chunk: Chunk<'_> = serde_json::from_str(data).map_err(|e| VlmError::Protocol {
         backend,
         url: String::new(),
         message: format!(
-            "a stream event is not JSON ({e}): {}",
-            crate::text::truncate(data, 200)
+            "a stream event is not a JSON chunk ({e}): {}",
+            clean.clean(crate::text::truncate(data, 200), 400)
         ),
     })?;
-    let is_error = value.get("error").is_some()
-        || value.get("object").and_then(Value::as_str) == Some("error");
-    if is_error {
+    if chunk.error.is_some() || chunk.object.as_deref() == Some("error") {
         let decoded = decode_error_body(Some("application/json"), data.as_bytes());
         return Err(VlmError::Generation {
             backend,
-            message: decoded.message,
+            message: clean.clean(&decoded.message, MAX_MESSAGE_BYTES),
         });
     }
     let mut events = Vec::new();
-    if let Some(choice) = value
-        .get("choices")
-        .and_then(Value::as_array)
-        .and_then(|c| c.first())
-    {
+    if let Some(choice) = chunk.choices.as_deref().and_then(<[Value]>::first) {
         let delta = choice.get("delta");
         let text_of = |key: &str| delta.and_then(|d| d.get(key)).and_then(Value::as_str);
         if let Some(reasoning) = text_of("reasoning").or_else(|| text_of("reasoning_content"))
             && !reasoning.is_empty()
         {
-            events.push(StreamEvent::Reasoning(reasoning.to_owned()));
+            events.push(StreamEvent::Reasoning(clean.redact(reasoning).into_owned()));
         }
         let content = text_of("content").unwrap_or_default();
         match choice.get("finish_reason").and_then(Value::as_str) {
@@ -96,49 +115,74 @@ pub fn parse_sse_data(
                     message: if content.is_empty() {
                         "finish_reason \"error\" in the stream; see the server's log".to_owned()
                     } else {
-                        content.to_owned()
+                        clean.clean(content, MAX_MESSAGE_BYTES)
                     },
                 });
             }
             finish => {
                 if !content.is_empty() {
-                    events.push(StreamEvent::Text(content.to_owned()));
+                    events.push(StreamEvent::Text(clean.redact(content).into_owned()));
                 }
                 if let Some(reason) = finish {
-                    events.push(StreamEvent::Finish(reason.to_owned()));
+                    events.push(StreamEvent::Finish(clean.clean(reason, 64)));
                 }
             }
         }
     }
-    if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
-        let usage: Usage =
-            serde_json::from_value(usage.clone()).map_err(|e| VlmError::Protocol {
-                backend,
-                url: String::new(),
-                message: format!("the usage chunk is malformed: {e}"),
-            })?;
+    if let Some(raw) = chunk.usage
+        && let Some(usage) = lenient_usage(backend, raw.get())
+    {
         events.push(StreamEvent::Usage(usage));
     }
     Ok(Some(events))
+}
+
+/// Where a stream comes from and how long it may take.
+#[derive(Debug, Clone)]
+pub struct StreamContext {
+    /// The backend streaming.
+    pub backend: VlmBackend,
+    /// The URL, for messages.
+    pub url: String,
+    /// The longest wait for the next chunk.
+    pub chunk_timeout: Duration,
+    /// The budget of the whole answer (`vlm_timeout`), for messages.
+    pub total_timeout: Duration,
+    /// When the whole answer must have arrived: `total_timeout` after the request was sent.
+    pub deadline: tokio::time::Instant,
+    /// Cleans the server's text (the API key redacted).
+    pub clean: ServerText,
 }
 
 struct State<S> {
     events: S,
     pending: VecDeque<StreamEvent>,
     done: bool,
-    backend: VlmBackend,
-    url: String,
-    chunk_timeout: Duration,
+    cx: StreamContext,
+    /// What the answer held so far: an answer without text ends in an error, not a success.
+    text_seen: bool,
+    reasoning_chars: usize,
+    finish: Option<String>,
+}
+
+impl<S> State<S> {
+    fn take(&mut self, events: Vec<StreamEvent>) {
+        for event in &events {
+            match event {
+                StreamEvent::Text(_) => self.text_seen = true,
+                StreamEvent::Reasoning(r) => self.reasoning_chars += r.chars().count(),
+                StreamEvent::Finish(f) => self.finish = Some(f.clone()),
+                _ => {}
+            }
+        }
+        self.pending.extend(events);
+    }
 }
 
 /// Turns a response body into [`StreamEvent`]s, each wait for the next chunk bounded by
-/// `chunk_timeout`.
-pub fn sse_events<B, E>(
-    backend: VlmBackend,
-    url: String,
-    body: B,
-    chunk_timeout: Duration,
-) -> VlmStream
+/// `cx.chunk_timeout` and the whole stream by `cx.deadline`; either ends it with
+/// [`VlmError::Timeout`].
+pub fn sse_events<B, E>(cx: StreamContext, body: B) -> VlmStream
 where
     B: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: std::fmt::Display + Send + 'static,
@@ -167,9 +211,10 @@ where
         events: Box::pin(bounded.eventsource()),
         pending: VecDeque::new(),
         done: false,
-        backend,
-        url,
-        chunk_timeout,
+        cx,
+        text_seen: false,
+        reasoning_chars: 0,
+        finish: None,
     };
     let stream = futures_util::stream::unfold(state, |mut state| async move {
         loop {
@@ -179,13 +224,22 @@ where
             if state.done {
                 return None;
             }
-            let next = match tokio::time::timeout(state.chunk_timeout, state.events.next()).await {
+            let chunk_deadline = tokio::time::Instant::now() + state.cx.chunk_timeout;
+            let whole = state.cx.deadline <= chunk_deadline;
+            let wait =
+                tokio::time::timeout_at(chunk_deadline.min(state.cx.deadline), state.events.next());
+            let next = match wait.await {
                 Err(_) => {
                     state.done = true;
                     let err = VlmError::Timeout {
-                        backend: state.backend,
-                        url: state.url.clone(),
-                        after: state.chunk_timeout,
+                        backend: state.cx.backend,
+                        url: state.cx.url.clone(),
+                        after: if whole {
+                            state.cx.total_timeout
+                        } else {
+                            state.cx.chunk_timeout
+                        },
+                        setting: "vlm_timeout",
                     };
                     return Some((Err(err), state));
                 }
@@ -196,8 +250,8 @@ where
                     // The body ended without [DONE] (vLLM and LMDeploy always send it).
                     state.done = true;
                     let err = VlmError::Protocol {
-                        backend: state.backend,
-                        url: state.url.clone(),
+                        backend: state.cx.backend,
+                        url: state.cx.url.clone(),
                         message: "the stream ended before `data: [DONE]`".to_owned(),
                     };
                     return Some((Err(err), state));
@@ -205,23 +259,35 @@ where
                 Some(Err(e)) => {
                     state.done = true;
                     let err = VlmError::Transport {
-                        backend: state.backend,
-                        url: state.url.clone(),
+                        backend: state.cx.backend,
+                        url: state.cx.url.clone(),
                         reason: format!("the stream broke: {e}"),
                     };
                     return Some((Err(err), state));
                 }
-                Some(Ok(event)) => match parse_sse_data(state.backend, &event.data) {
-                    Ok(None) => state.done = true,
-                    Ok(Some(events)) => state.pending.extend(events),
-                    Err(mut err) => {
-                        if let VlmError::Protocol { url, .. } = &mut err {
-                            url.clone_from(&state.url);
+                Some(Ok(event)) => {
+                    match parse_chunk(state.cx.backend, &event.data, &state.cx.clean) {
+                        Ok(None) => {
+                            state.done = true;
+                            if !state.text_seen {
+                                let err = VlmError::empty_answer(
+                                    state.cx.backend,
+                                    state.finish.as_deref(),
+                                    state.reasoning_chars,
+                                );
+                                return Some((Err(err), state));
+                            }
                         }
-                        state.done = true;
-                        return Some((Err(err), state));
+                        Ok(Some(events)) => state.take(events),
+                        Err(mut err) => {
+                            if let VlmError::Protocol { url, .. } = &mut err {
+                                url.clone_from(&state.cx.url);
+                            }
+                            state.done = true;
+                            return Some((Err(err), state));
+                        }
                     }
-                },
+                }
             }
         }
     });
@@ -231,6 +297,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn context(backend: VlmBackend, url: &str, timeout: Duration) -> StreamContext {
+        StreamContext {
+            backend,
+            url: url.to_owned(),
+            chunk_timeout: timeout,
+            total_timeout: timeout,
+            deadline: tokio::time::Instant::now() + timeout,
+            clean: ServerText::default(),
+        }
+    }
 
     fn collect(body: &'static str, timeout: Duration) -> Vec<Result<StreamEvent, String>> {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -244,10 +321,8 @@ mod tests {
                 .map(|c| Ok(Bytes::copy_from_slice(c)))
                 .collect();
             let stream = sse_events(
-                VlmBackend::Vllm,
-                "http://x/v1/chat/completions".into(),
+                context(VlmBackend::Vllm, "http://x/v1/chat/completions", timeout),
                 futures_util::stream::iter(chunks),
-                timeout,
             );
             stream.map(|r| r.map_err(|e| e.to_string())).collect().await
         })
@@ -279,7 +354,12 @@ mod tests {
              vec![text("a"), Ok(StreamEvent::Finish("length".into())), Ok(StreamEvent::Usage(usage))]),
             ("reasoning deltas, both names",
              "data: {\"choices\":[{\"delta\":{\"reasoning\":\"r1\"},\"finish_reason\":null}]}\n\ndata: {\"choices\":[{\"delta\":{\"reasoning_content\":\"r2\"},\"finish_reason\":null}]}\n\ndata: [DONE]\n\n",
-             vec![Ok(StreamEvent::Reasoning("r1".into())), Ok(StreamEvent::Reasoning("r2".into()))]),
+             vec![Ok(StreamEvent::Reasoning("r1".into())), Ok(StreamEvent::Reasoning("r2".into())),
+                  Err("the vllm server returned an empty answer: no finish_reason with 4 characters of reasoning but no answer text".into())]),
+            ("a stream with no text at all is an empty answer, not a success",
+             "data: {\"choices\":[{\"delta\":{\"content\":\"\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n",
+             vec![Ok(StreamEvent::Finish("stop".into())),
+                  Err("the vllm server returned an empty answer: finish_reason \"stop\" with no text (content null or blank)".into())]),
             ("a mid-stream error object becomes an error item and ends the stream",
              "data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":null}]}\n\ndata: {\"error\":{\"message\":\"engine died\",\"type\":\"InternalServerError\",\"code\":500}}\n\ndata: [DONE]\n\n",
              vec![text("a"), Err("the vllm server reported an error while generating: engine died".into())]),
@@ -297,7 +377,7 @@ mod tests {
              vec![text("x"), Err("unexpected response from the vllm server at http://x/v1/chat/completions: the stream ended before `data: [DONE]`".into())]),
             ("a non-JSON event is a protocol error naming the URL",
              "data: <html>\n\n",
-             vec![Err("unexpected response from the vllm server at http://x/v1/chat/completions: a stream event is not JSON (expected value at line 1 column 1): <html>".into())]),
+             vec![Err("unexpected response from the vllm server at http://x/v1/chat/completions: a stream event is not a JSON chunk (expected value at line 1 column 1): <html>".into())]),
         ];
         for (name, body, want) in cases {
             assert_eq!(collect(body, t), want, "{name}");
@@ -317,10 +397,8 @@ mod tests {
             ))]);
             let body = first.chain(futures_util::stream::pending());
             sse_events(
-                VlmBackend::LmDeploy,
-                "u".into(),
+                context(VlmBackend::LmDeploy, "u", Duration::from_millis(100)),
                 body,
-                Duration::from_millis(100),
             )
             .map(|r| r.map_err(|e| e.to_string()))
             .collect()
@@ -332,5 +410,55 @@ mod tests {
             "{got:?}"
         );
         assert_eq!(got.len(), 2);
+    }
+
+    #[test]
+    fn a_trickling_stream_ends_at_the_whole_answer_deadline() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let got: Vec<Result<StreamEvent, String>> = rt.block_on(async {
+            // One token every 50 ms, forever: the chunk timeout (1 s) never fires.
+            let body = futures_util::stream::unfold((), |()| async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let chunk = Bytes::from_static(
+                    b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":null}]}\n\n",
+                );
+                Some((Ok::<_, std::io::Error>(chunk), ()))
+            });
+            let mut cx = context(VlmBackend::Vllm, "u", Duration::from_secs(1));
+            cx.total_timeout = Duration::from_millis(300);
+            cx.deadline = tokio::time::Instant::now() + cx.total_timeout;
+            sse_events(cx, body)
+                .map(|r| r.map_err(|e| e.to_string()))
+                .collect()
+                .await
+        });
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        let last = got.last().unwrap().as_ref().unwrap_err();
+        assert!(
+            last.contains("within 0.3 s") && last.contains("--vlm-timeout"),
+            "{last}"
+        );
+        assert!(got.len() > 2, "{got:?}");
+    }
+
+    #[test]
+    fn usage_that_is_not_counts_costs_the_usage_not_the_answer() {
+        let t = Duration::from_secs(5);
+        let got = collect(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"x\"},\"finish_reason\":\"stop\"}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1e400,\"completion_tokens\":1.5}}\n\ndata: [DONE]\n\n",
+            t,
+        );
+        assert_eq!(got, vec![text("x"), Ok(StreamEvent::Finish("stop".into()))]);
+        // `"error": null` is not an error.
+        let got = collect(
+            "data: {\"error\":null,\"choices\":[{\"delta\":{\"content\":\"y\"},\"finish_reason\":null}]}\n\ndata: [DONE]\n\n",
+            t,
+        );
+        assert_eq!(got, vec![text("y")]);
     }
 }

@@ -13,7 +13,7 @@ use crate::error::VlmError;
 use crate::health::HealthProbe;
 use crate::openai;
 use crate::retry::{RetryPolicy, parse_retry_after, retryable_status};
-use crate::text::body_snippet;
+use crate::text::{MAX_MESSAGE_BYTES, ServerText, body_snippet};
 
 /// The largest response body read (a misbehaving proxy must not exhaust memory).
 pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
@@ -40,6 +40,26 @@ impl RawResponse {
     }
 }
 
+/// Which timeout bounds a request: each names the setting that governs it, so a timeout says
+/// what to raise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// An inference: `vlm_timeout`, per attempt, for the whole answer.
+    Inference,
+    /// A health probe: `vlm_health_timeout`.
+    Health,
+}
+
+impl Budget {
+    /// The setting's key.
+    pub fn setting(self) -> &'static str {
+        match self {
+            Budget::Inference => "vlm_timeout",
+            Budget::Health => "vlm_health_timeout",
+        }
+    }
+}
+
 /// Whether a request carries the API key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Auth {
@@ -57,8 +77,11 @@ pub struct Transport {
     base_url: Url,
     root: Url,
     api_key: Option<ApiKey>,
+    server_text: ServerText,
     /// Per-attempt timeout of inference requests.
     pub timeout: Duration,
+    /// Timeout of establishing a connection.
+    pub connect_timeout: Duration,
     /// Timeout of each health probe.
     pub health_timeout: Duration,
     /// How inference requests are retried.
@@ -99,7 +122,9 @@ impl Transport {
             base_url: config.base_url.clone(),
             root: server_root(&config.base_url),
             api_key: config.api_key.clone(),
+            server_text: ServerText::new(config.api_key.clone()),
             timeout: config.timeout,
+            connect_timeout: config.connect_timeout,
             health_timeout: config.health_timeout,
             retry: RetryPolicy {
                 max_retries: config.max_retries,
@@ -124,7 +149,21 @@ impl Transport {
         join(&self.base_url, path)
     }
 
-    /// A URL under the server root (`health` → `http://h:p/health`).
+    /// The cleaner of server-supplied text (it redacts this transport's API key).
+    pub fn server_text(&self) -> &ServerText {
+        &self.server_text
+    }
+
+    /// How long a request of this budget may take.
+    pub fn budget(&self, budget: Budget) -> Duration {
+        match budget {
+            Budget::Inference => self.timeout,
+            Budget::Health => self.health_timeout,
+        }
+    }
+
+    /// A URL under the server root (`health` → `http://h:p/health`; under a gateway's prefix,
+    /// `http://gw/llama/v1` → `http://gw/llama/health`).
     pub fn root_endpoint(&self, path: &str) -> Url {
         join(&self.root, path)
     }
@@ -139,10 +178,10 @@ impl Transport {
         &self,
         url: &Url,
         auth: Auth,
-        timeout: Duration,
+        budget: Budget,
     ) -> Result<RawResponse, VlmError> {
-        let req = self.http.get(url.clone()).timeout(timeout);
-        self.send(req, url, auth, timeout).await
+        let req = self.http.get(url.clone()).timeout(self.budget(budget));
+        self.send(req, url, auth, budget).await
     }
 
     /// Sends a POST with a JSON body (already serialised) once and reads the whole body.
@@ -150,30 +189,35 @@ impl Transport {
         &self,
         url: &Url,
         body: impl Into<reqwest::Body>,
-        timeout: Duration,
+        budget: Budget,
     ) -> Result<RawResponse, VlmError> {
         let req = self
             .http
             .post(url.clone())
-            .timeout(timeout)
+            .timeout(self.budget(budget))
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(body);
-        self.send(req, url, Auth::Bearer, timeout).await
+        self.send(req, url, Auth::Bearer, budget).await
     }
 
-    /// POSTs a JSON body under the [`RetryPolicy`]: connection failures and 408/429/5xx
-    /// gateway statuses are retried with backoff or after the server's `Retry-After`; a timeout
-    /// is not re-sent unless the policy says so. Returns the last answer or error.
+    /// POSTs an inference's JSON body under the [`RetryPolicy`]:
+    ///
+    /// - refused, reset before the request was written, or closed before any response byte
+    ///   arrived: retried (that server can no longer deliver this answer);
+    /// - 408/429/5xx gateway statuses: retried with backoff or after the server's `Retry-After`;
+    /// - a timeout, or a response cut off after its headers: the server may have done the work,
+    ///   so it is re-sent only when the policy's `retry_timeouts` says so.
+    ///
+    /// Returns the last answer or error.
     pub async fn post_json_with_retries(
         &self,
         url: &Url,
         body: Bytes,
-        timeout: Duration,
     ) -> Result<RawResponse, VlmError> {
         let policy = &self.retry;
         let mut retry = 0u32;
         loop {
-            let result = self.post_json(url, body.clone(), timeout).await;
+            let result = self.post_json(url, body.clone(), Budget::Inference).await;
             let (delay, why) = match &result {
                 Ok(resp) if resp.is_success() || !retryable_status(resp.status) => return result,
                 Ok(resp) => {
@@ -192,8 +236,9 @@ impl Transport {
                         None => (policy.backoff(retry), why),
                     }
                 }
-                // The server may still be generating: sending it again would double the work.
-                Err(VlmError::Timeout { .. }) if !policy.retry_timeouts => return result,
+                // The server may still be generating, or has finished: sending it again would
+                // run the whole generation twice.
+                Err(e) if e.may_have_run() && !policy.retry_timeouts => return result,
                 Err(e) if e.is_retryable() => (policy.backoff(retry), openai::err_note(e)),
                 Err(_) => return result,
             };
@@ -217,7 +262,8 @@ impl Transport {
 
     /// POSTs a JSON body for a streamed answer: waits at most `timeout` for the response
     /// headers, decodes a non-2xx answer into an error, and returns the response whose body is
-    /// the event stream (no whole-request timeout: the caller bounds each wait for a chunk).
+    /// the event stream (no reqwest timeout: the caller bounds the whole stream and each wait
+    /// for a chunk).
     pub async fn post_json_streaming(
         &self,
         url: &Url,
@@ -234,30 +280,26 @@ impl Transport {
             )
             .body(body);
         req = self.authorize(req, Auth::Bearer)?;
+        let timed_out = || VlmError::Timeout {
+            backend: self.backend,
+            url: url.to_string(),
+            after: timeout,
+            setting: Budget::Inference.setting(),
+        };
         let resp = match tokio::time::timeout(timeout, req.send()).await {
-            Err(_) => {
-                return Err(VlmError::Timeout {
-                    backend: self.backend,
-                    url: url.to_string(),
-                    after: timeout,
-                });
-            }
-            Ok(sent) => sent.map_err(|e| self.map_send_error(e, url, timeout))?,
+            Err(_) => return Err(timed_out()),
+            Ok(sent) => sent.map_err(|e| self.map_send_error(e, url, Budget::Inference))?,
         };
         if resp.status().is_success() {
             return Ok(resp);
         }
         // The error body is bounded in size and in time like any other: a proxy that sends
         // 502 headers and then stalls must not hang the caller.
-        let read = tokio::time::timeout(timeout, self.read_whole(resp, url, timeout)).await;
-        match read {
+        let read = tokio::time::timeout(timeout, self.read_whole(resp, url, Budget::Inference));
+        match read.await {
             Ok(Ok(raw)) => Err(self.http_error(&raw)),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(VlmError::Timeout {
-                backend: self.backend,
-                url: url.to_string(),
-                after: timeout,
-            }),
+            Err(_) => Err(timed_out()),
         }
     }
 
@@ -287,22 +329,23 @@ impl Transport {
         mut req: reqwest::RequestBuilder,
         url: &Url,
         auth: Auth,
-        timeout: Duration,
+        budget: Budget,
     ) -> Result<RawResponse, VlmError> {
         req = self.authorize(req, auth)?;
         let resp = req
             .send()
             .await
-            .map_err(|e| self.map_send_error(e, url, timeout))?;
-        self.read_whole(resp, url, timeout).await
+            .map_err(|e| self.map_send_error(e, url, budget))?;
+        self.read_whole(resp, url, budget).await
     }
 
-    /// Reads a response whole, refusing a body over [`MAX_RESPONSE_BYTES`].
+    /// Reads a response whole, refusing a body over [`MAX_RESPONSE_BYTES`]. A failure here
+    /// comes after the headers: a timeout, or [`VlmError::ResponseCut`].
     async fn read_whole(
         &self,
         mut resp: reqwest::Response,
         url: &Url,
-        timeout: Duration,
+        budget: Budget,
     ) -> Result<RawResponse, VlmError> {
         let status = resp.status().as_u16();
         let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
@@ -326,7 +369,15 @@ impl Transport {
                     body.extend_from_slice(&chunk);
                 }
                 Ok(None) => break,
-                Err(e) => return Err(self.map_send_error(e, url, timeout)),
+                Err(e) if e.is_timeout() => return Err(self.map_send_error(e, url, budget)),
+                Err(e) => {
+                    return Err(VlmError::ResponseCut {
+                        backend: self.backend,
+                        url: url.to_string(),
+                        status,
+                        reason: format!("after {} bytes: {}", body.len(), error_chain(&e)),
+                    });
+                }
             }
         }
         Ok(RawResponse {
@@ -347,10 +398,10 @@ impl Transport {
     ) -> Result<RawResponse, VlmError> {
         let url = self.root_endpoint(path);
         let route = format!("GET {}", url.path());
-        match self.get(&url, Auth::None, self.health_timeout).await {
+        match self.get(&url, Auth::None, Budget::Health).await {
             Ok(resp) => {
                 let note = if resp.is_success() {
-                    body_snippet(&resp.body, 80)
+                    self.server_text.clean(&body_snippet(&resp.body, 80), 200)
                 } else {
                     openai::err_note(&self.http_error(&resp))
                 };
@@ -383,21 +434,35 @@ impl Transport {
         }
     }
 
-    /// Maps a reqwest failure to `Unreachable`, `Timeout` or `Transport`.
-    pub fn map_send_error(&self, e: reqwest::Error, url: &Url, timeout: Duration) -> VlmError {
+    /// Maps a reqwest failure before the response headers to `Unreachable` (nothing was sent:
+    /// refused, DNS, or no connection within the connect timeout), `Timeout`, or `Transport`.
+    pub fn map_send_error(&self, e: reqwest::Error, url: &Url, budget: Budget) -> VlmError {
         let url_s = url.to_string();
-        if e.is_timeout() {
-            VlmError::Timeout {
-                backend: self.backend,
-                url: url_s,
-                after: timeout,
-            }
-        } else if e.is_connect() {
+        // reqwest marks a connect timeout both `is_connect` and `is_timeout`: it is a
+        // connection that never happened, governed by the connect timeout.
+        if e.is_connect() {
+            let reason = if e.is_timeout() {
+                format!(
+                    "no connection within {:.1} s (vlm_connect_timeout; raise it with \
+                     `--vlm-connect-timeout` if the network is slow, or check that nothing \
+                     drops the connection on the way)",
+                    self.connect_timeout.as_secs_f64()
+                )
+            } else {
+                error_chain(&e)
+            };
             VlmError::Unreachable {
                 backend: self.backend,
                 url: url_s,
-                reason: error_chain(&e),
+                reason,
                 start_command: self.backend.start_command(self.port()),
+            }
+        } else if e.is_timeout() {
+            VlmError::Timeout {
+                backend: self.backend,
+                url: url_s,
+                after: self.budget(budget),
+                setting: budget.setting(),
             }
         } else {
             VlmError::Transport {
@@ -408,15 +473,17 @@ impl Transport {
         }
     }
 
-    /// The `VlmError::Http` for a non-2xx response, decoding the body's error shape.
+    /// The `VlmError::Http` for a non-2xx response, decoding the body's error shape. The
+    /// server's message is cleaned: the API key redacted, control characters escaped, the length
+    /// capped at [`MAX_MESSAGE_BYTES`].
     pub fn http_error(&self, resp: &RawResponse) -> VlmError {
         let decoded = openai::decode_error_body(resp.content_type.as_deref(), &resp.body);
         VlmError::Http {
             backend: self.backend,
             url: resp.url.to_string(),
             status: resp.status,
-            message: decoded.message,
-            kind: decoded.kind,
+            message: self.server_text.clean(&decoded.message, MAX_MESSAGE_BYTES),
+            kind: decoded.kind.map(|k| self.server_text.clean(&k, 200)),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Format, Toml};
-use serde_json::Value;
+use figment::value::{Num, Value};
 use vlm_core::{
     ApiKey, ClientConfig, Url, VlmBackend, VlmError, edit_distance, normalize_base_url,
 };
@@ -55,7 +55,12 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec {
         key: "vlm_connect_timeout",
         default: "5",
-        doc: "seconds to wait for a connection (a number > 0)",
+        doc: "seconds to wait for a connection (a number > 0); a server that does not accept in time is unreachable",
+    },
+    KeySpec {
+        key: "vlm_health_timeout",
+        default: "10",
+        doc: "seconds to wait for each health probe (a number > 0)",
     },
     KeySpec {
         key: "vlm_max_retries",
@@ -172,8 +177,10 @@ impl Raw {
     fn text(&self) -> Option<String> {
         match self {
             Raw::Text(s) => Some(s.clone()),
-            Raw::Toml(Value::String(s)) => Some(s.clone()),
-            Raw::Toml(v @ (Value::Number(_) | Value::Bool(_))) => Some(v.to_string()),
+            Raw::Toml(Value::String(_, s)) => Some(s.clone()),
+            Raw::Toml(Value::Char(_, c)) => Some(c.to_string()),
+            Raw::Toml(Value::Num(_, n)) => Some(num_text(n)),
+            Raw::Toml(Value::Bool(_, b)) => Some(b.to_string()),
             Raw::Toml(_) => None,
         }
     }
@@ -182,11 +189,35 @@ impl Raw {
         matches!(self.text().as_deref().map(str::trim), Some(""))
     }
 
+    /// The value as the user wrote it (`nan` stays `nan`, a string is quoted).
     fn shown(&self) -> String {
         match self {
             Raw::Text(s) => format!("{s:?}"),
-            Raw::Toml(v) => v.to_string(),
+            Raw::Toml(Value::String(_, s)) => format!("{s:?}"),
+            Raw::Toml(Value::Array(..)) => "(an array)".to_owned(),
+            Raw::Toml(Value::Dict(..)) => "(a table)".to_owned(),
+            Raw::Toml(Value::Empty(..)) => "(empty)".to_owned(),
+            Raw::Toml(_) => self.text().unwrap_or_default(),
         }
+    }
+}
+
+/// A TOML number as written: `30`, `0.5`, `nan`, `inf`.
+fn num_text(n: &Num) -> String {
+    match n.to_actual() {
+        figment::error::Actual::Unsigned(u) => u.to_string(),
+        figment::error::Actual::Signed(i) => i.to_string(),
+        figment::error::Actual::Float(f) => f.to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn num_f64(n: &Num) -> f64 {
+    match n.to_actual() {
+        figment::error::Actual::Unsigned(u) => u as f64,
+        figment::error::Actual::Signed(i) => i as f64,
+        figment::error::Actual::Float(f) => f,
+        _ => f64::NAN,
     }
 }
 
@@ -514,11 +545,13 @@ impl Layers<'_> {
             .or_else(|| self.in_files(key))
     }
 
-    /// The six-step rule for `base_url`, `model`, `api_key` of backend `b`.
+    /// The six-step rule for `base_url`, `model`, `api_key` of backend `b`; an explicit
+    /// override of the backend's own key (`vlm_lmdeploy_model`) comes before the generic one.
     fn per_backend(&self, field: &str, b: VlmBackend) -> Option<Found> {
         let generic = format!("vlm_{field}");
         let specific = format!("vlm_{b}_{field}");
-        self.in_overrides(&generic)
+        self.in_overrides(&specific)
+            .or_else(|| self.in_overrides(&generic))
             .or_else(|| self.in_env(&specific))
             .or_else(|| self.in_env(&generic))
             .or_else(|| self.in_files(&specific))
@@ -568,6 +601,8 @@ pub struct VlmSettings {
     pub timeout: Duration,
     /// Connect timeout (`vlm_connect_timeout`).
     pub connect_timeout: Duration,
+    /// Timeout of each health probe (`vlm_health_timeout`).
+    pub health_timeout: Duration,
     /// Retries (`vlm_max_retries`).
     pub max_retries: u32,
     /// Whether timed-out inferences are re-sent (`vlm_retry_timeouts`).
@@ -641,6 +676,7 @@ impl VlmSettings {
             row("vlm_api_key", api_key.to_owned()),
             row("vlm_timeout", secs(self.timeout)),
             row("vlm_connect_timeout", secs(self.connect_timeout)),
+            row("vlm_health_timeout", secs(self.health_timeout)),
             row("vlm_max_retries", self.max_retries.to_string()),
             row("vlm_retry_timeouts", self.retry_timeouts.to_string()),
             row("vlm_max_tokens", self.max_tokens.to_string()),
@@ -654,7 +690,7 @@ impl VlmSettings {
         let mut config = ClientConfig::new(self.backend, self.base_url.as_str())?
             .with_timeout(self.timeout)
             .with_connect_timeout(self.connect_timeout)
-            .with_health_timeout(self.timeout.min(ClientConfig::DEFAULT_HEALTH_TIMEOUT))
+            .with_health_timeout(self.health_timeout)
             .with_max_retries(self.max_retries)
             .with_retry_timeouts(self.retry_timeouts)
             .with_max_image_bytes(self.max_image_bytes);
@@ -677,10 +713,13 @@ fn invalid(key: &str, raw: &Raw, source: &Source, expected: &str) -> VlmError {
 
 fn number(raw: &Raw) -> Option<f64> {
     match raw {
-        Raw::Toml(Value::Number(n)) => n.as_f64(),
+        Raw::Toml(Value::Num(_, n)) => Some(num_f64(n)),
         other => other.text()?.trim().parse::<f64>().ok(),
     }
 }
+
+/// The longest timeout accepted: 7 days.
+const MAX_SECONDS: f64 = 86_400.0 * 7.0;
 
 fn resolve(layers: &Layers<'_>, tool: String) -> Result<VlmSettings, VlmError> {
     let mut sources: BTreeMap<&'static str, Source> = BTreeMap::new();
@@ -746,13 +785,21 @@ fn resolve(layers: &Layers<'_>, tool: String) -> Result<VlmSettings, VlmError> {
             return Ok(default);
         };
         let secs = number(&raw)
-            .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0 * 7.0)
-            .ok_or_else(|| invalid(key, &raw, &source, "seconds as a number > 0, e.g. 120"))?;
+            .filter(|s| s.is_finite() && *s > 0.0 && *s <= MAX_SECONDS)
+            .ok_or_else(|| {
+                invalid(
+                    key,
+                    &raw,
+                    &source,
+                    "seconds as a number > 0 and at most 604800 (7 days), e.g. 120",
+                )
+            })?;
         sources.insert(key, source);
         Ok(Duration::from_secs_f64(secs))
     };
     let timeout = seconds("vlm_timeout", ClientConfig::DEFAULT_TIMEOUT)?;
     let connect_timeout = seconds("vlm_connect_timeout", ClientConfig::DEFAULT_CONNECT_TIMEOUT)?;
+    let health_timeout = seconds("vlm_health_timeout", ClientConfig::DEFAULT_HEALTH_TIMEOUT)?;
 
     let mut whole =
         |key: &'static str, default: u64, min: u64, max: u64| -> Result<u64, VlmError> {
@@ -789,7 +836,7 @@ fn resolve(layers: &Layers<'_>, tool: String) -> Result<VlmSettings, VlmError> {
     let retry_timeouts = match layers.plain("vlm_retry_timeouts") {
         Some((raw, source)) => {
             let on = match &raw {
-                Raw::Toml(Value::Bool(b)) => Some(*b),
+                Raw::Toml(Value::Bool(_, b)) => Some(*b),
                 other => match other
                     .text()
                     .unwrap_or_default()
@@ -830,6 +877,7 @@ fn resolve(layers: &Layers<'_>, tool: String) -> Result<VlmSettings, VlmError> {
         api_key,
         timeout,
         connect_timeout,
+        health_timeout,
         max_retries,
         retry_timeouts,
         max_tokens,

@@ -29,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 use vlm_core::openai::{OpenAiChat, err_note, json_string_field, state_for_error};
+use vlm_core::text::{MAX_MESSAGE_BYTES, ServerText};
 use vlm_core::transport::Transport;
 use vlm_core::{
     ClientConfig, HealthReport, HealthState, ModelSlot, Url, VlmBackend, VlmClient, VlmError,
@@ -91,10 +92,13 @@ impl LmDeployClient {
     }
 }
 
-/// What LMDeploy's `/health` body says.
-fn liveness_from_body(status: u16, body: &[u8]) -> Option<HealthState> {
-    let state = json_string_field(body, "status")?;
-    let message = json_string_field(body, "message").unwrap_or_default();
+/// What LMDeploy's `/health` body says (its text cleaned: key redacted, escaped, capped).
+fn liveness_from_body(status: u16, body: &[u8], clean: &ServerText) -> Option<HealthState> {
+    let state = clean.clean(&json_string_field(body, "status")?, 64);
+    let message = clean.clean(
+        &json_string_field(body, "message").unwrap_or_default(),
+        MAX_MESSAGE_BYTES,
+    );
     let said = if message.is_empty() {
         format!("status {state:?}")
     } else {
@@ -146,7 +150,8 @@ impl VlmClient for LmDeployClient {
                 return Ok(report);
             }
         };
-        match (resp.status, liveness_from_body(resp.status, &resp.body)) {
+        let liveness = liveness_from_body(resp.status, &resp.body, transport.server_text());
+        match (resp.status, liveness) {
             // >= 0.14: the body says what the engine is doing.
             (_, Some(HealthState::Ready)) => {}
             (_, Some(state)) => {
@@ -215,7 +220,8 @@ mod tests {
             (404, r#"{"detail":"Not Found"}"#, None),
         ];
         for (status, body, want) in cases {
-            let got = liveness_from_body(status, body.as_bytes()).map(|s| s.label());
+            let got = liveness_from_body(status, body.as_bytes(), &ServerText::default())
+                .map(|s| s.label());
             assert_eq!(got, want, "{status} {body}");
         }
     }

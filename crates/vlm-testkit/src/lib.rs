@@ -13,8 +13,12 @@
 //!
 //! Faults can be injected into the next chat calls ([`Fault`]): a status with a body (503, 429
 //! with `Retry-After`, a proxy's HTML 502), a delay, a hang, a connection dropped mid-body,
-//! LMDeploy <= 0.15's HTTP 200 with `finish_reason: "error"`; [`Emulator::start_after`] keeps the
-//! port closed for a while, as a server still loading its model does. Every request is recorded.
+//! LMDeploy <= 0.15's HTTP 200 with `finish_reason: "error"`, a stream that never ends, a
+//! connection closed before any answer, an error echoing the `Authorization` header;
+//! [`Emulator::start_after`] keeps the port closed for a while, as a server still loading its
+//! model does, and [`Emulator::delay_other_routes`] slows health probes. An emulator can serve
+//! under a gateway's path prefix ([`EmulatorConfig::with_prefix`]), and [`Blackhole`] is a host
+//! whose TCP handshake never completes. Every request is recorded.
 //!
 //! ```
 //! use vlm_core::VlmBackend;
@@ -33,9 +37,11 @@
 #![forbid(unsafe_code)]
 
 pub mod analysis;
+mod blackhole;
 mod cli;
 mod routes;
 mod server;
 
+pub use blackhole::Blackhole;
 pub use cli::{EmulatorArgs, parse_emulator_args, run_emulator};
 pub use server::{Emulator, EmulatorConfig, EmulatorError, Fault, RecordedRequest, default_model};

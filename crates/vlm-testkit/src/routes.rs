@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use vlm_core::{ImageMime, VlmBackend};
 
 use crate::analysis::analyse;
-use crate::server::{Body, Fault, RecordedRequest, Resp, Shared, lock};
+use crate::server::{Body, CloseConnection, Fault, RecordedRequest, Resp, Shared, lock};
 
 /// The largest request body accepted (vLLM's default limit is far larger; this bounds memory).
 const MAX_REQUEST_BYTES: usize = 256 * 1024 * 1024;
@@ -105,7 +105,22 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp 
         };
     }
     let method = req.method().as_str().to_owned();
-    let path = req.uri().path().to_owned();
+    let full_path = req.uri().path().to_owned();
+    // Behind a gateway: only the prefix's routes exist, without the prefix for the server.
+    let path = match shared.prefix.as_deref() {
+        None => full_path,
+        Some(prefix) => match full_path.strip_prefix(prefix) {
+            Some(rest) if rest.starts_with('/') => rest.to_owned(),
+            _ => {
+                return raw_response(
+                    404,
+                    "text/html",
+                    "<html><head><title>404 Not Found</title></head><body><h1>404 Not Found</h1>\
+                     <hr>nginx</body></html>",
+                );
+            }
+        },
+    };
     let headers: Vec<(String, String)> = req
         .headers()
         .iter()
@@ -132,6 +147,10 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp 
     lock(&shared.requests).push(record.clone());
     tracing::debug!(backend = %shared.backend, "{method} {path} ({} bytes)", body.len());
 
+    let other_delay = lock(&shared.faults).other_delay;
+    if !other_delay.is_zero() && !path.ends_with("/chat/completions") {
+        tokio::time::sleep(other_delay).await;
+    }
     match shared.backend {
         VlmBackend::Triton => triton(&shared, &method, &path),
         _ => openai(&shared, &record, &body).await,
@@ -274,6 +293,27 @@ async fn chat(shared: &Shared, record: &RecordedRequest, body: &Bytes) -> Resp {
             std::future::pending::<()>().await;
         }
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        Some(Fault::Trickle(every)) => {
+            if !ask.stream {
+                std::future::pending::<()>().await;
+            }
+            return trickle(shared, &ask, every);
+        }
+        Some(Fault::CloseWithoutResponse) => {
+            let mut resp = empty_response(500);
+            resp.extensions_mut().insert(CloseConnection);
+            return resp;
+        }
+        Some(Fault::EchoAuthorization) => {
+            let given = record.header("authorization").unwrap_or("(none)");
+            return error(
+                backend,
+                401,
+                "authentication_error",
+                &format!("invalid credentials: the request had 'Authorization: {given}'"),
+                None,
+            );
+        }
         Some(Fault::DropMidBody) => return dropped_mid_body(),
         Some(Fault::StallAfterHeaders(status)) => return stalled(status),
         Some(Fault::FinishReasonError(message)) => {
@@ -574,6 +614,36 @@ fn dropped_mid_body() -> Resp {
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from_static("4096"));
+    resp
+}
+
+/// An SSE answer that never ends: one word every `every`, until the client goes away.
+fn trickle(shared: &Shared, ask: &ChatAsk, every: Duration) -> Resp {
+    let n = shared.counter.fetch_add(1, Ordering::Relaxed);
+    let model = ask.model.clone();
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        loop {
+            let chunk = json!({
+                "id": format!("chatcmpl-emulator-{n}"), "object": "chat.completion.chunk",
+                "created": now(), "model": model,
+                "choices": [{"index": 0, "delta": {"content": "slow "}, "logprobs": null, "finish_reason": null}]
+            });
+            if tx
+                .send(Ok(Bytes::from(format!("data: {chunk}\n\n"))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+    let mut resp = Response::new(Body::Channel(rx));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
     resp
 }
 

@@ -1,7 +1,6 @@
 //! The emulator server: a hyper HTTP/1.1 server on 127.0.0.1, one per emulated backend.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -44,6 +43,9 @@ pub struct EmulatorConfig {
     /// Fixed-answer mode for benchmarks: chat requests are read but not parsed, decoded or
     /// recorded, and answered with one precomputed completion.
     pub fast: bool,
+    /// Serve every route under this path prefix, as a gateway or an ingress does
+    /// (`/llama`: `/llama/health`, `/llama/v1/models`); anything else is a gateway's 404.
+    pub prefix: Option<String>,
 }
 
 impl EmulatorConfig {
@@ -55,7 +57,16 @@ impl EmulatorConfig {
             model: default_model(backend).to_owned(),
             api_key: None,
             fast: false,
+            prefix: None,
         }
+    }
+
+    /// Serves every route under `prefix` (e.g. `/llama`), as behind a gateway.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        let prefix = prefix.into();
+        let trimmed = prefix.trim_matches('/');
+        self.prefix = (!trimmed.is_empty()).then(|| format!("/{trimmed}"));
+        self
     }
 
     /// Serves this model.
@@ -125,6 +136,15 @@ pub enum Fault {
     FinishReasonError(String),
     /// Wait this long before answering normally.
     Delay(Duration),
+    /// A streamed answer that never ends: one token every interval, forever (a request that
+    /// does not stream hangs instead).
+    Trickle(Duration),
+    /// Close the connection after reading the request, before any response byte (a server
+    /// that died, a proxy that gave up).
+    CloseWithoutResponse,
+    /// Answer 401 with an error message that echoes the request's `Authorization` header, as
+    /// some proxies do.
+    EchoAuthorization,
 }
 
 impl Fault {
@@ -191,6 +211,8 @@ impl RecordedRequest {
 pub(crate) struct Faults {
     pub(crate) queue: VecDeque<Fault>,
     pub(crate) delay: Duration,
+    /// Delay of every route but chat completions (health, models, version).
+    pub(crate) other_delay: Duration,
 }
 
 /// State shared by the accept loop and the handlers.
@@ -200,6 +222,7 @@ pub(crate) struct Shared {
     pub(crate) model: String,
     pub(crate) api_key: Option<String>,
     pub(crate) fast: bool,
+    pub(crate) prefix: Option<String>,
     pub(crate) faults: Mutex<Faults>,
     pub(crate) requests: Mutex<Vec<RecordedRequest>>,
     pub(crate) counter: std::sync::atomic::AtomicU64,
@@ -286,16 +309,21 @@ impl Emulator {
 
     /// The value to give `--vlm-base-url`: `http://127.0.0.1:P/v1` for vLLM and LMDeploy,
     /// `http://127.0.0.1:P` for Triton.
+    /// Behind a prefix: `http://127.0.0.1:P/PREFIX/v1`.
     pub fn base_url(&self) -> String {
         match self.shared.backend {
-            VlmBackend::Triton => format!("http://{}", self.addr),
-            _ => format!("http://{}/v1", self.addr),
+            VlmBackend::Triton => self.root_url(),
+            _ => format!("{}/v1", self.root_url()),
         }
     }
 
-    /// The server root, `http://127.0.0.1:P`.
+    /// The server root, `http://127.0.0.1:P` (with the prefix, if any).
     pub fn root_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!(
+            "http://{}{}",
+            self.addr,
+            self.shared.prefix.as_deref().unwrap_or("")
+        )
     }
 
     /// The bound address.
@@ -331,6 +359,11 @@ impl Emulator {
         lock(&self.shared.faults).delay = delay;
     }
 
+    /// Delays every answer but chat completions (health probes, model lists) by `delay`.
+    pub fn delay_other_routes(&self, delay: Duration) {
+        lock(&self.shared.faults).other_delay = delay;
+    }
+
     /// Every request received so far, in arrival order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         lock(&self.shared.requests).clone()
@@ -357,6 +390,7 @@ impl Shared {
             model: config.model.clone(),
             api_key: config.api_key.clone().filter(|k| !k.is_empty()),
             fast: config.fast,
+            prefix: config.prefix.clone(),
             faults: Mutex::new(Faults::default()),
             requests: Mutex::new(Vec::new()),
             counter: std::sync::atomic::AtomicU64::new(0),
@@ -384,7 +418,14 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(routes::handle(shared, req).await) }
+                async move {
+                    let resp = routes::handle(shared, req).await;
+                    // A service error makes hyper close the connection without answering.
+                    if resp.extensions().get::<CloseConnection>().is_some() {
+                        return Err(CloseConnection);
+                    }
+                    Ok(resp)
+                }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
@@ -396,6 +437,18 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         });
     }
 }
+
+/// Marks a response that must not be sent: the connection is closed instead.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CloseConnection;
+
+impl std::fmt::Display for CloseConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the emulator closed the connection without answering (fault)")
+    }
+}
+
+impl std::error::Error for CloseConnection {}
 
 /// A response body: whole, or streamed from a channel (SSE, or a body cut short).
 #[derive(Debug)]

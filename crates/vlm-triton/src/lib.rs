@@ -27,7 +27,8 @@
 
 use serde_json::Value;
 use vlm_core::openai::{err_note, json_string_field, state_for_error};
-use vlm_core::transport::{RawResponse, Transport};
+use vlm_core::text::shown_model;
+use vlm_core::transport::{Budget, RawResponse, Transport};
 use vlm_core::{
     ClientConfig, HealthProbe, HealthReport, HealthState, ModelSlot, Url, VlmBackend, VlmClient,
     VlmError, VlmRequest, VlmResponse, VlmStream, async_trait,
@@ -72,10 +73,12 @@ impl TritonClient {
         })
     }
 
+    /// `{root}/v2/models/{model}[/{suffix}]`, the model name as one path segment, under the
+    /// base URL's prefix (a gateway's `/triton`).
     fn model_route(&self, model: &str, suffix: &str) -> Url {
         let mut url = self.transport.root_endpoint("");
         if let Ok(mut segments) = url.path_segments_mut() {
-            segments.clear().extend(["v2", "models", model]);
+            segments.pop_if_empty().extend(["v2", "models", model]);
             if !suffix.is_empty() {
                 segments.push(suffix);
             }
@@ -88,7 +91,7 @@ impl TritonClient {
         let url = self.transport.root_endpoint("v2/repository/index");
         let resp = self
             .transport
-            .post_json(&url, r#"{"ready":true}"#, self.transport.health_timeout)
+            .post_json(&url, r#"{"ready":true}"#, Budget::Health)
             .await;
         let route = format!("POST {}", url.path());
         match resp {
@@ -98,10 +101,11 @@ impl TritonClient {
                     .iter()
                     .filter_map(|m| m.get("name").and_then(Value::as_str).map(str::to_owned))
                     .collect();
+                let shown: Vec<String> = names.iter().map(|n| shown_model(n)).collect();
                 probes.push(HealthProbe {
                     route,
                     status: Some(resp.status),
-                    note: format!("ready: {}", names.join(", ")),
+                    note: format!("ready: {}", shown.join(", ")),
                 });
                 Some(names)
             }
@@ -233,7 +237,11 @@ impl VlmClient for TritonClient {
                         reason: format!(
                             "no model is configured and Triton has several ready: {}; choose \
                              one with --vlm-model (or vlm_triton_model)",
-                            several.join(", ")
+                            several
+                                .iter()
+                                .map(|n| shown_model(n))
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                     };
                     return Ok(report);
@@ -255,7 +263,7 @@ impl VlmClient for TritonClient {
         let url = self.model_route(&model, "ready");
         let route = format!("GET {}", url.path());
         let resp = match t
-            .get(&url, vlm_core::transport::Auth::None, t.health_timeout)
+            .get(&url, vlm_core::transport::Auth::None, Budget::Health)
             .await
         {
             Ok(resp) => resp,
