@@ -726,3 +726,84 @@ async fn stream_one(job: &Job, inputs: Vec<Input>, sink: Option<Sink>) -> Result
         Exit::SomeFailed
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that is never called: preparing an image does not talk to the server.
+    #[derive(Debug)]
+    struct Unused(vlm_core::Url);
+
+    #[vlm_core::async_trait]
+    impl VlmClient for Unused {
+        fn backend(&self) -> VlmBackend {
+            VlmBackend::Vllm
+        }
+        fn model(&self) -> &str {
+            "m"
+        }
+        fn base_url(&self) -> &vlm_core::Url {
+            &self.0
+        }
+        async fn health(&self) -> Result<vlm_core::HealthReport, VlmError> {
+            Err(VlmError::config("unused"))
+        }
+        async fn infer_single(&self, _: &VlmRequest) -> Result<vlm_core::VlmResponse, VlmError> {
+            Err(VlmError::config("unused"))
+        }
+    }
+
+    #[test]
+    fn hashing_and_encoding_a_large_image_leave_the_async_thread_free() {
+        let dir = std::env::temp_dir().join(format!("vlm-cli-prep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("big.jpg");
+        let mut bytes = vec![0xFF, 0xD8, 0xFF, 0xE0];
+        bytes.extend((0..24u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+        std::fs::write(&path, &bytes).unwrap();
+        let job = Job {
+            client: Arc::new(Unused(
+                vlm_core::Url::parse("http://127.0.0.1:9/v1/").unwrap(),
+            )),
+            prompt: Arc::from("p"),
+            max_tokens: 10,
+            temperature: 0.0,
+            max_image_bytes: 64 << 20,
+            previous: Arc::new(Previous::default()),
+        };
+        // One async thread: if preparing ran on it, the ticker would stall for as long.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (took, longest_stall) = rt.block_on(async {
+            let ticking = Arc::new(AtomicBool::new(true));
+            let ticker = tokio::spawn({
+                let ticking = ticking.clone();
+                async move {
+                    let mut longest = Duration::ZERO;
+                    let mut last = Instant::now();
+                    while ticking.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        longest = longest.max(last.elapsed());
+                        last = Instant::now();
+                    }
+                    longest
+                }
+            });
+            tokio::task::yield_now().await;
+            let started = Instant::now();
+            let prepared = job.prepare(&Input { path: path.clone() }).await;
+            let took = started.elapsed();
+            ticking.store(false, Ordering::SeqCst);
+            assert!(prepared.is_ok(), "{:?}", prepared.err());
+            (took, ticker.await.unwrap())
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            longest_stall < took / 3,
+            "the async thread stalled {longest_stall:?} of {took:?}"
+        );
+    }
+}

@@ -207,6 +207,8 @@ fn num_text(n: &Num) -> String {
     match n.to_actual() {
         figment::error::Actual::Unsigned(u) => u.to_string(),
         figment::error::Actual::Signed(i) => i.to_string(),
+        // As TOML spells them (Rust would say "NaN").
+        figment::error::Actual::Float(f) if f.is_nan() => "nan".to_owned(),
         figment::error::Actual::Float(f) => f.to_string(),
         other => other.to_string(),
     }

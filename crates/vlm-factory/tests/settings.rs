@@ -461,6 +461,70 @@ fn bad_values_name_the_key_and_where_it_came_from() {
     }
 }
 
+#[test]
+fn nan_inf_and_huge_timeouts_are_shown_as_written_with_the_bound() {
+    for (written, shown) in [
+        ("nan", "nan"),
+        ("inf", "inf"),
+        ("-inf", "-inf"),
+        ("1e9", "1000000000"),
+    ] {
+        let dir = fresh_dir();
+        std::fs::write(
+            dir.join("pyproject.toml"),
+            format!("[tool.imageworks.color_narrator]\nvlm_timeout = {written}\n"),
+        )
+        .unwrap();
+        let err = VlmSettings::loader()
+            .cwd(&dir)
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("invalid vlm_timeout {shown} (from pyproject.toml"))
+                && err.contains("at most 604800 (7 days)"),
+            "{written}: {err}"
+        );
+    }
+    let err = VlmSettings::loader()
+        .env([("VLM_HEALTH_TIMEOUT", "999999999")])
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("invalid vlm_health_timeout") && err.contains("at most 604800"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_override_of_a_backends_own_key_is_used_not_dropped() {
+    let settings = VlmSettings::loader()
+        .set_override("vlm_backend", "lmdeploy", "--vlm-backend")
+        .set_override("vlm_lmdeploy_model", "InternVL2-2B", "test")
+        .set_override("vlm_lmdeploy_base_url", "http://gpu:24001", "test")
+        .set_override("vlm_vllm_model", "not-this-one", "test")
+        .env([("VLM_LMDEPLOY_MODEL", "from-env")])
+        .load()
+        .unwrap();
+    assert_eq!(settings.model.as_deref(), Some("InternVL2-2B"));
+    assert_eq!(settings.base_url.as_str(), "http://gpu:24001/v1/");
+    assert_eq!(settings.source("vlm_model").unwrap().to_string(), "test");
+    let settings = VlmSettings::loader()
+        .set_override("vlm_health_timeout", "2.5", "--vlm-health-timeout")
+        .load()
+        .unwrap();
+    assert_eq!(settings.health_timeout.as_secs_f64(), 2.5);
+    assert_eq!(
+        settings
+            .client_config()
+            .unwrap()
+            .health_timeout
+            .as_secs_f64(),
+        2.5
+    );
+}
+
 type VlmSettings_ = Box<dyn Fn() -> Result<VlmSettings, vlm_core::VlmError>>;
 
 #[test]
