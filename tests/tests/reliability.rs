@@ -263,6 +263,7 @@ async fn health_and_inference_stay_under_a_gateways_path_prefix() {
         let c = client(&e, &[]);
         let report = c.health().await.unwrap();
         assert!(report.is_ready(), "{backend}: {report}");
+        assert!(report.probes.len() >= 2, "{backend}: {report}");
         for probe in &report.probes {
             assert!(
                 probe.route.contains(" /llama/"),

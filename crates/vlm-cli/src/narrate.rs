@@ -136,21 +136,28 @@ impl Job {
 
     /// Reads, hashes and checks one image and builds its request, on the blocking pool: hashing
     /// and base64-encoding a large image take milliseconds that must not stall the async
-    /// threads driving every other request. An error names the file and says why.
-    async fn prepare(&self, input: &Input) -> Result<Prepared, Unprepared> {
+    /// threads driving every other request. `Ok(None)`: the output already has it (resume), so
+    /// it is not encoded. An error names the file and says why.
+    async fn prepare(&self, input: &Input) -> Result<Option<Prepared>, Unprepared> {
         let path = input.path.clone();
         let shown = input.shown();
         let (max_bytes, prompt) = (self.max_image_bytes, self.prompt.clone());
         let (max_tokens, temperature) = (self.max_tokens, self.temperature);
+        let previous = self.previous.clone();
         let read = tokio::task::spawn_blocking(move || {
-            let (sha256, data_url) = read_hash_encode(&path, &shown, max_bytes)?;
+            let (sha256, bytes, mime) = read_and_hash(&path, &shown, max_bytes)?;
+            if previous.is_done(&shown, &sha256) {
+                return Ok(None);
+            }
+            let data_url = encode_data_url(&bytes, mime);
+            drop(bytes);
             let request = VlmRequest::builder(&*prompt)
                 .image(ImageInput::url(data_url))
                 .max_tokens(max_tokens)
                 .temperature(temperature)
                 .build()
                 .map_err(|e| (Some(sha256.clone()), e.to_string()))?;
-            Ok(Prepared { sha256, request })
+            Ok(Some(Prepared { sha256, request }))
         });
         read.await.unwrap_or_else(|e| {
             Err((
@@ -186,14 +193,12 @@ impl Job {
 
     async fn run(&self, input: Input) -> Outcome {
         let Prepared { sha256, request } = match self.prepare(&input).await {
-            Ok(prepared) => prepared,
+            Ok(Some(prepared)) => prepared,
+            Ok(None) => return Outcome::Skipped,
             Err((sha256, error)) => {
                 return Outcome::Record(Box::new(self.failure(&input, sha256, error, 0)));
             }
         };
-        if self.previous.is_done(&input.shown(), &sha256) {
-            return Outcome::Skipped;
-        }
         let started = Instant::now();
         let result = self.client.infer_single(&request).await;
         let latency_ms = started.elapsed().as_millis() as u64;
@@ -215,13 +220,12 @@ impl Job {
 }
 
 /// Reads a file (refusing one over the size limit before reading it, and anything that is not a
-/// regular file), hashes it, checks it is an image, and encodes it as a data URL. Blocking: run
-/// it on the blocking pool.
-fn read_hash_encode(
+/// regular file), hashes it and checks it is an image. Blocking: run it on the blocking pool.
+fn read_and_hash(
     path: &std::path::Path,
     shown: &str,
     max: u64,
-) -> Result<(String, String), Unprepared> {
+) -> Result<(String, Vec<u8>, ImageMime), Unprepared> {
     if path.to_str().is_none() {
         return Err((
             None,
@@ -262,8 +266,7 @@ fn read_hash_encode(
             format!("image {shown}: not a PNG, JPEG, WebP or GIF image: {found}"),
         ));
     };
-    let data_url = encode_data_url(&bytes, mime);
-    Ok((sha256, data_url))
+    Ok((sha256, bytes, mime))
 }
 
 /// The largest `--prompt-file` read: 1 MiB. A prompt is text; anything larger is a mistake
@@ -384,6 +387,18 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
         shown_model(client.model())
     );
 
+    let (inputs, warnings) = discover(&args.paths);
+    for w in warnings {
+        tracing::warn!("{}", escape_controls(&w));
+    }
+    if args.stream && inputs.len() != 1 {
+        // Said before the output is opened: --overwrite must not empty it for nothing.
+        return Err(Failure::usage(format!(
+            "--stream narrates exactly one image; {} were given",
+            inputs.len()
+        )));
+    }
+
     // Opened, and locked, before anything is sent: a second run on the same output is refused
     // here, and --stream never narrates an image it cannot record.
     let (sink, previous) = match &args.output {
@@ -391,11 +406,6 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
         None => (Sink::Stdout, Previous::default()),
     };
     warn_about_previous(&previous, &*client);
-
-    let (inputs, warnings) = discover(&args.paths);
-    for w in warnings {
-        tracing::warn!("{}", escape_controls(&w));
-    }
     let job = Job::new(&client, &prompt, &settings, previous);
     if args.stream {
         let sink = args.output.is_some().then_some(sink);
@@ -568,12 +578,18 @@ async fn narrate_all(
         summarise(&tally, total, started.elapsed().as_secs_f64(), &sink);
     }
     if let Some(e) = write_error {
+        let next = match &sink {
+            Sink::File { .. } => {
+                "; the output ends with whole lines: fix the cause (free space) and run again \
+                 with --resume to finish"
+            }
+            Sink::Stdout => "",
+        };
         return Err(Failure {
             exit: Exit::Output,
             message: format!(
                 "cannot write to {}: {e}; the run stopped with {} record(s) written and {} \
-                 answer(s) not written; the output ends with whole lines: fix the cause (free \
-                 space) and run again with --resume to finish",
+                 answer(s) not written{next}",
                 sink.name(),
                 tally.done + tally.failed,
                 tally.unwritten
@@ -666,14 +682,14 @@ async fn stream_one(job: &Job, inputs: Vec<Input>, sink: Option<Sink>) -> Result
     let started = Instant::now();
     let record = match job.prepare(&input).await {
         Err((sha256, error)) => job.failure(&input, sha256, error, 0),
-        Ok(Prepared { sha256, .. }) if job.previous.is_done(&input.shown(), &sha256) => {
+        Ok(None) => {
             tracing::info!(
                 "{}: already narrated in the output (--resume); nothing to do",
                 escape_controls(&input.shown())
             );
             return Ok(Exit::Ok);
         }
-        Ok(Prepared { sha256, request }) => {
+        Ok(Some(Prepared { sha256, request })) => {
             let mut record = job.failure(&input, Some(sha256.clone()), String::new(), 0);
             let streamed: Result<String, VlmError> = async {
                 let mut events = job.client.infer_stream(&request).await?;
@@ -797,7 +813,7 @@ mod tests {
             let prepared = job.prepare(&Input { path: path.clone() }).await;
             let took = started.elapsed();
             ticking.store(false, Ordering::SeqCst);
-            assert!(prepared.is_ok(), "{:?}", prepared.err());
+            assert!(matches!(prepared, Ok(Some(_))), "{:?}", prepared.err());
             (took, ticker.await.unwrap())
         });
         std::fs::remove_dir_all(&dir).unwrap();

@@ -196,9 +196,32 @@ impl Previous {
     }
 }
 
-/// Refuses what cannot be the output before anything is sent: a folder, or an existing
-/// non-empty file without `--resume` or `--overwrite` to say what to do with it.
+/// Refuses what cannot be the output before anything is sent: a folder, a file another run is
+/// writing (it holds the lock), or an existing non-empty file without `--resume` or
+/// `--overwrite` to say what to do with it.
 pub fn refuse_existing(path: &Path, resume: bool, overwrite: bool) -> Result<(), Failure> {
+    // A probe of the lock (released at once): told first, since --resume or --overwrite would
+    // not help. Not used under our own lock: a second open file would conflict with it.
+    // Only a regular file is opened for it: opening a FIFO to read would wait for a writer.
+    if std::fs::metadata(path).is_ok_and(|m| m.is_file())
+        && let Ok(file) = File::open(path)
+        && let Err(TryLockError::WouldBlock) = file.try_lock()
+    {
+        return Err(in_use(path));
+    }
+    refuse_contents(path, resume, overwrite)
+}
+
+fn in_use(path: &Path) -> Failure {
+    Failure::usage(format!(
+        "output {} is being written by another vlm run (it holds the file's lock); wait for \
+         that run to finish, or give this one another --output",
+        path.display()
+    ))
+}
+
+/// A folder, or a non-empty file without `--resume` or `--overwrite`.
+fn refuse_contents(path: &Path, resume: bool, overwrite: bool) -> Result<(), Failure> {
     let meta = std::fs::metadata(path).ok();
     if meta.as_ref().is_some_and(std::fs::Metadata::is_dir) {
         return Err(Failure::usage(format!(
@@ -237,18 +260,13 @@ pub fn open(path: &Path, resume: bool, overwrite: bool) -> Result<(Sink, Previou
         .map_err(|e| io("open", e))?;
     match file.try_lock() {
         Ok(()) => {}
-        Err(TryLockError::WouldBlock) => {
-            return Err(Failure::usage(format!(
-                "output {} is being written by another vlm run (it holds the file's lock); wait \
-                 for that run to finish, or give this one another --output",
-                path.display()
-            )));
-        }
+        Err(TryLockError::WouldBlock) => return Err(in_use(path)),
         Err(TryLockError::Error(e)) => return Err(io("lock", e)),
     }
     // Checked again under the lock: another run may have written to it meanwhile.
-    refuse_existing(path, resume, overwrite)?;
-    if overwrite {
+    refuse_contents(path, resume, overwrite)?;
+    // Only a regular file can be emptied (`/dev/null` and the like have nothing to replace).
+    if overwrite && file.metadata().is_ok_and(|m| m.is_file()) {
         file.set_len(0).map_err(|e| io("truncate", e))?;
     }
     let previous = if resume {

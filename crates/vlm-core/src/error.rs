@@ -74,8 +74,8 @@ pub enum VlmError {
     /// `vlm_retry_timeouts` allows it.
     #[error(
         "the {backend} server at {url} answered HTTP {status}, then the connection broke before \
-         the body was complete ({reason}); the server may have done the work, so it was not sent \
-         again (set vlm_retry_timeouts = true to re-send such requests)"
+         the body was complete ({reason}); the server may have done the work, so an inference cut \
+         off like this is re-sent only when vlm_retry_timeouts = true"
     )]
     ResponseCut {
         /// The backend that was being called.

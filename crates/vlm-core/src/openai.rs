@@ -326,14 +326,14 @@ struct ChatCompletion {
 }
 
 /// The token counts of a `usage` object, or `None` (with a warning) when they are not counts.
-pub(crate) fn lenient_usage(backend: VlmBackend, raw: &str) -> Option<Usage> {
+pub(crate) fn lenient_usage(backend: VlmBackend, raw: &str, clean: &ServerText) -> Option<Usage> {
     match serde_json::from_str::<Option<Usage>>(raw) {
         Ok(usage) => usage,
         Err(e) => {
+            let said = clean.clean(&format!("{e}: {}", clean.snippet(raw.as_bytes(), 200)), 400);
             tracing::warn!(
-                "the {backend} server's usage is not token counts ({e}): {}; the answer is kept \
-                 and its usage recorded as null",
-                crate::text::escape_controls(crate::text::truncate(raw, 200))
+                "the {backend} server's usage is not token counts ({said}); the answer is kept \
+                 and its usage recorded as null"
             );
             None
         }
@@ -377,17 +377,18 @@ pub fn parse_chat_response(
     latency: Duration,
     clean: &ServerText,
 ) -> Result<VlmResponse, VlmError> {
+    // serde quotes the offending value in its message: cleaned like any server text.
     let protocol = |message: String| VlmError::Protocol {
         backend,
         url: resp.url.to_string(),
-        message,
+        message: clean.clean(&message, MAX_MESSAGE_BYTES),
     };
     let completion: ChatCompletion = serde_json::from_slice(&resp.body).map_err(|e| {
         protocol(format!(
             "HTTP {} ({}) is not a chat completion ({e}): {}",
             resp.status,
             resp.content_type.as_deref().unwrap_or("no content type"),
-            body_snippet(&resp.body, 200)
+            clean.snippet(&resp.body, 200)
         ))
     })?;
     let Some(choice) = completion.choices.into_iter().next() else {
@@ -422,7 +423,7 @@ pub fn parse_chat_response(
         finish_reason: choice.finish_reason.map(|f| clean.clean(&f, 64)),
         usage: completion
             .usage
-            .and_then(|raw| lenient_usage(backend, raw.get())),
+            .and_then(|raw| lenient_usage(backend, raw.get(), clean)),
         model: completion
             .model
             .map(|m| clean.redact(&m).into_owned())
@@ -448,19 +449,23 @@ struct ModelList {
     data: Vec<ServedModel>,
 }
 
-/// Parses a `GET /v1/models` body.
+/// Parses a `GET /v1/models` body; a failure's message is cleaned by `clean`.
 pub fn parse_model_list(
     backend: VlmBackend,
     resp: &RawResponse,
+    clean: &ServerText,
 ) -> Result<Vec<ServedModel>, VlmError> {
     serde_json::from_slice::<ModelList>(&resp.body)
         .map(|l| l.data)
         .map_err(|e| VlmError::Protocol {
             backend,
             url: resp.url.to_string(),
-            message: format!(
-                "the model list is not {{\"data\":[{{\"id\":...}}]}} ({e}): {}",
-                body_snippet(&resp.body, 200)
+            message: clean.clean(
+                &format!(
+                    "the model list is not {{\"data\":[{{\"id\":...}}]}} ({e}): {}",
+                    clean.snippet(&resp.body, 200)
+                ),
+                MAX_MESSAGE_BYTES,
             ),
         })
 }
@@ -570,7 +575,11 @@ impl OpenAiChat {
         let route = format!("GET {}", url.path());
         match resp {
             Ok(resp) if resp.is_success() => {
-                let models = parse_model_list(self.transport.backend(), &resp)?;
+                let models = parse_model_list(
+                    self.transport.backend(),
+                    &resp,
+                    self.transport.server_text(),
+                )?;
                 let names: Vec<String> = models.iter().map(|m| shown_model(&m.id)).collect();
                 probes.push(HealthProbe {
                     route,

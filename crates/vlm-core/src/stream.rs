@@ -82,12 +82,18 @@ fn parse_chunk(
     if data == "[DONE]" {
         return Ok(None);
     }
+    // The key is redacted from the whole event first: nothing derived from it can show it.
+    let data = clean.redact(data);
+    let data = data.as_ref();
     let chunk: Chunk<'_> = serde_json::from_str(data).map_err(|e| VlmError::Protocol {
         backend,
         url: String::new(),
-        message: format!(
-            "a stream event is not a JSON chunk ({e}): {}",
-            clean.clean(crate::text::truncate(data, 200), 400)
+        message: clean.clean(
+            &format!(
+                "a stream event is not a JSON chunk ({e}): {}",
+                crate::text::truncate(data, 200)
+            ),
+            MAX_MESSAGE_BYTES,
         ),
     })?;
     if chunk.error.is_some() || chunk.object.as_deref() == Some("error") {
@@ -130,7 +136,7 @@ fn parse_chunk(
         }
     }
     if let Some(raw) = chunk.usage
-        && let Some(usage) = lenient_usage(backend, raw.get())
+        && let Some(usage) = lenient_usage(backend, raw.get(), clean)
     {
         events.push(StreamEvent::Usage(usage));
     }
@@ -169,7 +175,7 @@ impl<S> State<S> {
     fn take(&mut self, events: Vec<StreamEvent>) {
         for event in &events {
             match event {
-                StreamEvent::Text(_) => self.text_seen = true,
+                StreamEvent::Text(t) if !t.trim().is_empty() => self.text_seen = true,
                 StreamEvent::Reasoning(r) => self.reasoning_chars += r.chars().count(),
                 StreamEvent::Finish(f) => self.finish = Some(f.clone()),
                 _ => {}
@@ -224,8 +230,21 @@ where
             if state.done {
                 return None;
             }
-            let chunk_deadline = tokio::time::Instant::now() + state.cx.chunk_timeout;
+            let now = tokio::time::Instant::now();
+            let chunk_deadline = now + state.cx.chunk_timeout;
             let whole = state.cx.deadline <= chunk_deadline;
+            // Checked before polling: a stream that always has data ready would otherwise
+            // never reach the timer.
+            if now >= state.cx.deadline {
+                state.done = true;
+                let err = VlmError::Timeout {
+                    backend: state.cx.backend,
+                    url: state.cx.url.clone(),
+                    after: state.cx.total_timeout,
+                    setting: "vlm_timeout",
+                };
+                return Some((Err(err), state));
+            }
             let wait =
                 tokio::time::timeout_at(chunk_deadline.min(state.cx.deadline), state.events.next());
             let next = match wait.await {

@@ -121,6 +121,37 @@ impl ServerText {
         }
     }
 
+    /// `body` with every occurrence of the API key replaced by `***` (as lossy UTF-8 when the
+    /// key is found); borrowed when there is nothing to redact.
+    pub fn redact_bytes<'a>(&self, body: &'a [u8]) -> Cow<'a, [u8]> {
+        let Some(key) = &self.key else {
+            return Cow::Borrowed(body);
+        };
+        let text = String::from_utf8_lossy(body);
+        if text.contains(key.expose()) {
+            Cow::Owned(text.replace(key.expose(), "***").into_bytes())
+        } else {
+            Cow::Borrowed(body)
+        }
+    }
+
+    /// The first `max` bytes of a body as one readable line: the key redacted before the cut
+    /// (never half a key), whitespace collapsed, control characters escaped.
+    pub fn snippet(&self, body: &[u8], max: usize) -> String {
+        let window = self
+            .key
+            .as_ref()
+            .map_or(0, |k| k.expose().len())
+            .saturating_add(max * 2);
+        let head = &body[..body.len().min(window)];
+        let redacted = self.redact_bytes(head);
+        let mut snippet = body_snippet(&redacted, max);
+        if body.len() > head.len() && !snippet.ends_with('…') {
+            snippet.push('…');
+        }
+        escape_controls(&snippet).into_owned()
+    }
+
     /// Redacts the key, escapes control characters, then caps the length at `max` bytes: what a
     /// server's message or name may show in an error, a log line or a record.
     ///

@@ -13,7 +13,7 @@ use crate::error::VlmError;
 use crate::health::HealthProbe;
 use crate::openai;
 use crate::retry::{RetryPolicy, parse_retry_after, retryable_status};
-use crate::text::{MAX_MESSAGE_BYTES, ServerText, body_snippet};
+use crate::text::{MAX_MESSAGE_BYTES, ServerText};
 
 /// The largest response body read (a misbehaving proxy must not exhaust memory).
 pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
@@ -286,7 +286,9 @@ impl Transport {
             after: timeout,
             setting: Budget::Inference.setting(),
         };
-        let resp = match tokio::time::timeout(timeout, req.send()).await {
+        // One deadline for the headers and an error body alike.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let resp = match tokio::time::timeout_at(deadline, req.send()).await {
             Err(_) => return Err(timed_out()),
             Ok(sent) => sent.map_err(|e| self.map_send_error(e, url, Budget::Inference))?,
         };
@@ -295,7 +297,7 @@ impl Transport {
         }
         // The error body is bounded in size and in time like any other: a proxy that sends
         // 502 headers and then stalls must not hang the caller.
-        let read = tokio::time::timeout(timeout, self.read_whole(resp, url, Budget::Inference));
+        let read = tokio::time::timeout_at(deadline, self.read_whole(resp, url, Budget::Inference));
         match read.await {
             Ok(Ok(raw)) => Err(self.http_error(&raw)),
             Ok(Err(e)) => Err(e),
@@ -401,7 +403,7 @@ impl Transport {
         match self.get(&url, Auth::None, Budget::Health).await {
             Ok(resp) => {
                 let note = if resp.is_success() {
-                    self.server_text.clean(&body_snippet(&resp.body, 80), 200)
+                    self.server_text.snippet(&resp.body, 80)
                 } else {
                     openai::err_note(&self.http_error(&resp))
                 };
@@ -477,7 +479,9 @@ impl Transport {
     /// server's message is cleaned: the API key redacted, control characters escaped, the length
     /// capped at [`MAX_MESSAGE_BYTES`].
     pub fn http_error(&self, resp: &RawResponse) -> VlmError {
-        let decoded = openai::decode_error_body(resp.content_type.as_deref(), &resp.body);
+        // Redacted before decoding: a snippet of a non-JSON body must not hold half a key.
+        let body = self.server_text.redact_bytes(&resp.body);
+        let decoded = openai::decode_error_body(resp.content_type.as_deref(), &body);
         VlmError::Http {
             backend: self.backend,
             url: resp.url.to_string(),

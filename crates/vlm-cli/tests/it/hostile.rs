@@ -157,8 +157,7 @@ async fn a_second_run_on_the_same_output_is_refused_whatever_its_flags() {
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
         assert!(
-            err.contains("output out.jsonl is being written by another vlm run")
-                || err.contains("already exists"),
+            err.contains("output out.jsonl is being written by another vlm run"),
             "{flags:?}: {err}"
         );
     }
@@ -285,6 +284,23 @@ async fn stream_honours_resume_and_opens_the_output_before_inference() {
     let out = run(stream("no-such-folder/out.jsonl", false)).await;
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert_eq!(e.chat_requests().len(), 1);
+
+    // Two images for --stream: refused before --overwrite could empty the output.
+    let before = std::fs::read(dir.join("out.jsonl")).unwrap();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--stream",
+        "--overwrite",
+        "-o",
+        "out.jsonl",
+    ])
+    .args(["--vlm-base-url", &e.base_url()]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("exactly one image; 5 were given"));
+    assert_eq!(std::fs::read(dir.join("out.jsonl")).unwrap(), before);
 }
 
 #[cfg(feature = "vllm")]
