@@ -54,7 +54,7 @@ async fn openai_backends_health_and_inference_round_trip() {
         assert!(report.is_ready(), "{backend}: {report}");
         assert_eq!(
             client.model(),
-            "Qwen2-VL",
+            Some("Qwen2-VL"),
             "{backend}: the only model is adopted"
         );
 
@@ -221,7 +221,7 @@ async fn triton_health_is_real_and_inference_says_what_to_do() {
     );
     let adopted = client_for(&e, None, None);
     assert!(adopted.health().await.unwrap().is_ready());
-    assert_eq!(adopted.model(), "ensemble");
+    assert_eq!(adopted.model(), Some("ensemble"));
     let err = client.infer_single(&ask(png(4))).await.unwrap_err();
     assert!(
         err.is_unsupported() && err.to_string().contains("trtllm-serve"),

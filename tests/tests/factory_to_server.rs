@@ -92,7 +92,7 @@ min_contamination = 0.1
             .unwrap();
         let answer = client.infer_single(&request).await.unwrap();
         assert_eq!(answer.text, format!("answer from {model}"));
-        assert_eq!(client.model(), model);
+        assert_eq!(client.model(), Some(model));
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

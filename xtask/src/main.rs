@@ -4,7 +4,8 @@
 //!   rustdoc with `-D warnings`, the feature matrix, then `cargo deny` (licences, bans, sources)
 //!   when cargo-deny is installed. This is the README's test command and what `.ci/run` runs.
 //! - `matrix`: `vlm-factory` and `vlm-cli` tested with each backend feature alone, with all, and
-//!   with none: five explicit combinations, not a powerset.
+//!   with none: five explicit combinations, not a powerset. Then `cargo tree` checks that a
+//!   `vlm` built without the `emulate` feature has no emulator, HTTP server or image decoder.
 //! - `publish-check`: every publishable crate packages and verifies on its own.
 //! - `bench [--quick]`: payload, end-to-end and memory benchmarks, written to
 //!   docs/performance.md.
@@ -131,6 +132,7 @@ fn ci() -> Result<(), String> {
         &[("RUSTDOCFLAGS", "-D warnings")],
     )?;
     matrix()?;
+    lean()?;
     deny()?;
     eprintln!("ci passed in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -146,6 +148,62 @@ fn matrix() -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `cargo install vlm-cli --no-default-features --features vllm` stays lean: no emulator, no
+/// HTTP server and no image decoders in its dependency tree.
+fn lean() -> Result<(), String> {
+    let args = [
+        "tree",
+        "-p",
+        "vlm-cli",
+        "--no-default-features",
+        "--features",
+        "vllm",
+        "--edges",
+        "normal",
+        "--prefix",
+        "none",
+        "--format",
+        "{p} {f}",
+    ];
+    eprintln!("==> cargo {}", args.join(" "));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let out = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run cargo tree: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`cargo {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let heavy: Vec<&str> = tree
+        .lines()
+        .filter(|line| {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            let features = line.split_whitespace().nth(2).unwrap_or_default();
+            matches!(
+                name,
+                "vlm-testkit" | "image" | "png" | "zune-jpeg" | "image-webp"
+            ) || (name == "hyper" && features.split(',').any(|f| f == "server"))
+        })
+        .collect();
+    if heavy.is_empty() {
+        eprintln!(
+            "<== the lean vlm (vllm only, no emulate) has no emulator, HTTP server or image decoder"
+        );
+        Ok(())
+    } else {
+        Err(format!(
+            "vlm-cli without `emulate` still depends on: {}",
+            heavy.join("; ")
+        ))
+    }
 }
 
 /// `cargo deny check licenses bans sources` (advisories need the network's RustSec database).

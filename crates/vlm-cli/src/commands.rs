@@ -5,7 +5,6 @@ use std::time::Duration;
 use clap::Args;
 use vlm_core::VlmBackend;
 use vlm_factory::{build_client, is_compiled};
-use vlm_testkit::{EmulatorArgs, run_emulator};
 
 use crate::{Exit, Failure, GlobalOpts};
 
@@ -55,7 +54,7 @@ pub async fn health(global: &GlobalOpts, args: HealthArgs) -> Result<Exit, Failu
         tracing::info!(
             "🤖 VLM: {}/{}",
             client.backend(),
-            vlm_core::text::shown_model(client.model())
+            vlm_core::text::shown_model(client.model().unwrap_or("(unknown)"))
         );
         Ok(Exit::Ok)
     } else {
@@ -76,7 +75,7 @@ pub async fn backends(global: &GlobalOpts, args: BackendsArgs) -> Result<Exit, F
         if args.check { " HEALTH" } else { "" }
     );
     crate::outln!("{}", header.trim_end());
-    for backend in VlmBackend::ALL {
+    for &backend in VlmBackend::ALL {
         // The same layers, with this backend chosen: its per-backend keys apply.
         let flags = [(
             "vlm_backend",
@@ -148,20 +147,12 @@ pub fn config(global: &GlobalOpts) -> Result<Exit, Failure> {
 
 /// `vlm emulate`: serves until killed.
 pub async fn emulate(args: EmulateArgs) -> Result<Exit, Failure> {
-    let backend = args
-        .backend
-        .parse::<VlmBackend>()
-        .map_err(|e| Failure::usage(e.to_string().replace("vlm_backend", "--backend")))?;
-    let mut emulator_args = EmulatorArgs::new(backend);
-    emulator_args.port = args.port;
-    emulator_args.model = args.model;
-    emulator_args.api_key = args.api_key;
-    emulator_args.fast = args.fast;
-    run_emulator(emulator_args)
-        .await
-        .map_err(|message| Failure {
-            exit: Exit::Usage,
-            message,
-        })?;
-    Ok(Exit::Ok)
+    crate::emulate::serve(crate::emulate::Serve {
+        backend: args.backend,
+        port: args.port,
+        model: args.model,
+        api_key: args.api_key,
+        fast: args.fast,
+    })
+    .await
 }

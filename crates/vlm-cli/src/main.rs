@@ -2,6 +2,7 @@
 //! chosen by configuration or `--vlm-backend`.
 
 mod commands;
+mod emulate;
 mod files;
 mod narrate;
 mod output;

@@ -15,8 +15,8 @@ use vlm_core::{
     describe_non_image, encode_data_url,
 };
 use vlm_factory::build_client;
-use vlm_testkit::{Emulator, EmulatorConfig, default_model};
 
+use crate::emulate::Emulator;
 use crate::files::{Input, discover};
 use crate::output::{Previous, Record, Sink};
 use crate::{Exit, Failure, GlobalOpts};
@@ -85,7 +85,8 @@ pub struct NarrateArgs {
     #[arg(long)]
     stream: bool,
     /// Narrate against the built-in emulator of the chosen backend (answers are computed from
-    /// each image, not by a model): for demos and trying the tool without a GPU
+    /// each image, not by a model): for demos and trying the tool without a GPU (needs the
+    /// `emulate` feature, on by default)
     #[arg(long)]
     emulate: bool,
 }
@@ -182,7 +183,7 @@ impl Job {
             path: input.shown(),
             sha256,
             backend: self.client.backend().to_string(),
-            model: shown_model(self.client.model()),
+            model: shown_model(self.client.model().unwrap_or_default()),
             text: None,
             finish_reason: None,
             usage: None,
@@ -326,7 +327,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
             ("vlm_temperature", args.temperature.clone(), "--temperature"),
             (
                 "vlm_base_url",
-                emulator.map(Emulator::base_url),
+                emulator.map(crate::emulate::base_url),
                 "--emulate",
             ),
         ]
@@ -336,17 +337,11 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
 
     // The emulator lives as long as this run.
     let _emulator = if args.emulate {
-        let model = settings
-            .model
-            .clone()
-            .unwrap_or_else(|| default_model(settings.backend).to_owned());
-        let emulator = Emulator::start(EmulatorConfig::new(settings.backend).with_model(model))
-            .await
-            .map_err(|e| Failure::usage(format!("cannot start the emulator: {e}")))?;
+        let emulator = crate::emulate::start(settings.backend, settings.model.clone()).await?;
         tracing::warn!(
             "--emulate: talking to the built-in {} emulator at {}; its answers are computed from each image (size, mean colour, cast, sha256), not by a vision-language model",
             settings.backend,
-            emulator.base_url()
+            crate::emulate::base_url(&emulator)
         );
         settings = global.load_settings(&extra(Some(&emulator)))?;
         Some(emulator)
@@ -384,7 +379,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     tracing::info!(
         "🤖 VLM: {}/{}",
         client.backend(),
-        shown_model(client.model())
+        shown_model(client.model().unwrap_or("(unknown)"))
     );
 
     let (inputs, warnings) = discover(&args.paths);
@@ -440,7 +435,10 @@ fn warn_about_previous(previous: &Previous, client: &dyn VlmClient) {
             previous.bad_lines
         );
     }
-    let current = (client.backend().to_string(), shown_model(client.model()));
+    let current = (
+        client.backend().to_string(),
+        shown_model(client.model().unwrap_or_default()),
+    );
     if previous.runs.iter().any(|run| *run != current) {
         let seen: Vec<String> = previous
             .runs
@@ -756,8 +754,8 @@ mod tests {
         fn backend(&self) -> VlmBackend {
             VlmBackend::Vllm
         }
-        fn model(&self) -> &str {
-            "m"
+        fn model(&self) -> Option<&str> {
+            Some("m")
         }
         fn base_url(&self) -> &vlm_core::Url {
             &self.0

@@ -3,8 +3,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::error::VlmError;
-
 /// The servers ImageWorks VLM can talk to.
 ///
 /// This enum always knows every backend, whichever cargo features are enabled: only the clients
@@ -32,8 +30,10 @@ pub enum VlmBackend {
 }
 
 impl VlmBackend {
-    /// Every backend, in the order they are documented.
-    pub const ALL: [VlmBackend; 3] = [VlmBackend::Vllm, VlmBackend::LmDeploy, VlmBackend::Triton];
+    /// Every backend, in the order they are documented. A slice, so that adding a backend does
+    /// not change a public type.
+    pub const ALL: &'static [VlmBackend] =
+        &[VlmBackend::Vllm, VlmBackend::LmDeploy, VlmBackend::Triton];
 
     /// The name used in configuration (`vllm`, `lmdeploy`, `triton`).
     pub const fn as_str(self) -> &'static str {
@@ -78,15 +78,19 @@ impl VlmBackend {
 
     /// The valid names, comma separated, for messages.
     pub fn valid_names() -> String {
-        Self::ALL.map(|b| b.as_str()).join(", ")
+        Self::ALL
+            .iter()
+            .map(|b| b.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The closest valid name to `input`, if it is close enough to be a likely typo.
     pub fn closest(input: &str) -> Option<VlmBackend> {
         let input = input.trim().to_ascii_lowercase();
         Self::ALL
-            .into_iter()
-            .map(|b| (edit_distance(&input, b.as_str()), b))
+            .iter()
+            .map(|&b| (edit_distance(&input, b.as_str()), b))
             .filter(|(d, b)| *d <= 1.max(b.as_str().len() / 3))
             .min_by_key(|(d, _)| *d)
             .map(|(_, b)| b)
@@ -99,8 +103,56 @@ impl fmt::Display for VlmBackend {
     }
 }
 
+/// A name that is not a backend (nor an alias of one): what `"x".parse::<VlmBackend>()` returns.
+/// It converts into [`VlmError`](crate::VlmError) (a configuration error).
+///
+/// ```
+/// use vlm_core::{ParseBackendError, VlmBackend};
+/// let err: ParseBackendError = "lmdepoy".parse::<VlmBackend>().unwrap_err();
+/// assert_eq!(err.suggestion(), Some(VlmBackend::LmDeploy));
+/// assert_eq!(err.value(), "lmdepoy");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseBackendError {
+    value: String,
+}
+
+impl ParseBackendError {
+    /// The name that was given.
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+
+    /// The closest backend name, when the value looks like a typo of it.
+    pub fn suggestion(&self) -> Option<VlmBackend> {
+        VlmBackend::closest(&self.value)
+    }
+
+    /// The message, saying where the value came from (`VLM_BACKEND`, `--vlm-backend`, ...).
+    pub fn message(&self, source: Option<&str>) -> String {
+        let from = source.map(|s| format!(" (from {s})")).unwrap_or_default();
+        let suggestion = self
+            .suggestion()
+            .map(|b| format!("; did you mean \"{b}\"?"))
+            .unwrap_or_else(|| ";".to_owned());
+        format!(
+            "unknown vlm_backend {:?}{from}{suggestion} valid: {}",
+            self.value,
+            VlmBackend::valid_names()
+        )
+    }
+}
+
+impl fmt::Display for ParseBackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message(None))
+    }
+}
+
+impl std::error::Error for ParseBackendError {}
+
 impl FromStr for VlmBackend {
-    type Err = VlmError;
+    type Err = ParseBackendError;
 
     /// Parses a backend name, case-insensitively. Aliases: `vllm`, `lmdeploy`/`lm-deploy`/
     /// `lm_deploy`, `triton`/`tritonserver`/`trtllm`/`tensorrt-llm`.
@@ -112,7 +164,9 @@ impl FromStr for VlmBackend {
             "triton" | "tritonserver" | "trtllm" | "tensorrt-llm" | "tensorrt_llm" => {
                 Ok(VlmBackend::Triton)
             }
-            _ => Err(VlmError::unknown_backend(s, None)),
+            _ => Err(ParseBackendError {
+                value: s.to_owned(),
+            }),
         }
     }
 }
@@ -120,7 +174,7 @@ impl FromStr for VlmBackend {
 /// Levenshtein distance between two strings, for "did you mean" suggestions.
 ///
 /// ```
-/// assert_eq!(vlm_core::edit_distance("lmdepoy", "lmdeploy"), 1);
+/// assert_eq!(vlm_core::support::edit_distance("lmdepoy", "lmdeploy"), 1);
 /// ```
 pub fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
@@ -163,7 +217,7 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for b in VlmBackend::ALL {
+        for &b in VlmBackend::ALL {
             assert_eq!(b.to_string().parse::<VlmBackend>().ok(), Some(b));
         }
     }

@@ -51,8 +51,8 @@ mod tests {
         fn backend(&self) -> VlmBackend {
             VlmBackend::Vllm
         }
-        fn model(&self) -> &str {
-            "m"
+        fn model(&self) -> Option<&str> {
+            Some("m")
         }
         fn base_url(&self) -> &Url {
             &self.0

@@ -2,14 +2,19 @@
 
 use std::time::Duration;
 
-use crate::backend::VlmBackend;
+use crate::backend::{ParseBackendError, VlmBackend};
+
+/// The cause underneath an error (a `reqwest::Error`, an `io::Error`), reachable through
+/// [`std::error::Error::source`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// An error from configuring a client, talking to a server, or preparing a request.
 ///
 /// Messages follow the Rust API guidelines: lower-case, no trailing period, the value and where it
 /// came from, and for configuration and connection errors what to do next. Match on the variant or
 /// use the predicates ([`is_retryable`](Self::is_retryable), [`status`](Self::status)), never on
-/// the message text. No variant ever holds an API key.
+/// the message text. No variant ever holds an API key. Where a lower layer failed, the cause is
+/// kept: [`std::error::Error::source`] reaches the `reqwest::Error` or `io::Error` underneath.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VlmError {
@@ -24,15 +29,16 @@ pub enum VlmError {
     /// The backend is valid but its client was not compiled in.
     #[error(
         "backend \"{backend}\" is not compiled into this build; rebuild with `--features {feature}` \
-         (compiled in: {compiled})"
+         (compiled in: {})",
+        names_or_none(compiled)
     )]
     BackendNotCompiled {
         /// The backend asked for.
         backend: VlmBackend,
         /// The cargo feature that compiles it in.
         feature: &'static str,
-        /// The backends this build does have, comma separated (or "none").
-        compiled: String,
+        /// The backends this build does have.
+        compiled: Vec<VlmBackend>,
     },
 
     /// The server could not be reached (connection refused, DNS failure).
@@ -50,6 +56,9 @@ pub enum VlmError {
         reason: String,
         /// The command that starts that server on that port.
         start_command: String,
+        /// The transport's error.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// No (whole) answer within the timeout.
@@ -67,6 +76,9 @@ pub enum VlmError {
         /// The setting that governs this wait: `vlm_timeout` for inference (the whole answer,
         /// streamed or not), `vlm_health_timeout` for health probes.
         setting: &'static str,
+        /// The transport's error, when it reported the timeout.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// The response headers arrived, then the connection broke before the body was whole. The
@@ -86,6 +98,9 @@ pub enum VlmError {
         status: u16,
         /// The transport's own description.
         reason: String,
+        /// The transport's error.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// The server answered successfully but the answer has no text (`content` null or empty).
@@ -140,6 +155,9 @@ pub enum VlmError {
         source_name: String,
         /// What was wrong and what was found.
         message: String,
+        /// The I/O error, when reading failed.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// The operation is not supported by this backend (yet).
@@ -160,7 +178,28 @@ pub enum VlmError {
         url: String,
         /// The transport's own description.
         reason: String,
+        /// The transport's error.
+        #[source]
+        source: Option<BoxError>,
     },
+}
+
+impl From<ParseBackendError> for VlmError {
+    fn from(e: ParseBackendError) -> Self {
+        VlmError::config(e.to_string())
+    }
+}
+
+fn names_or_none(backends: &[VlmBackend]) -> String {
+    if backends.is_empty() {
+        "none".to_owned()
+    } else {
+        backends
+            .iter()
+            .map(|b| b.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// `vlm_health_timeout` -> `--vlm-health-timeout`.
@@ -193,14 +232,19 @@ impl VlmError {
     ///
     /// `source` says where the value came from (e.g. `VLM_BACKEND`, `--vlm-backend`).
     pub fn unknown_backend(value: &str, source: Option<&str>) -> Self {
-        let from = source.map(|s| format!(" (from {s})")).unwrap_or_default();
-        let suggestion = VlmBackend::closest(value)
-            .map(|b| format!("; did you mean \"{b}\"?"))
-            .unwrap_or_else(|| ";".to_owned());
-        VlmError::config(format!(
-            "unknown vlm_backend {value:?}{from}{suggestion} valid: {}",
-            VlmBackend::valid_names()
-        ))
+        match value.parse::<VlmBackend>() {
+            Err(e) => VlmError::config(e.message(source)),
+            Ok(b) => VlmError::config(format!("{b} is a valid backend")),
+        }
+    }
+
+    /// An image error with no cause underneath (a wrong type, a size over the limit).
+    pub fn image(source_name: impl Into<String>, message: impl Into<String>) -> Self {
+        VlmError::Image {
+            source_name: source_name.into(),
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// The error for an answer without text ([`EmptyAnswer`](Self::EmptyAnswer)), saying what

@@ -5,6 +5,7 @@ use std::fmt;
 use url::Url;
 
 use crate::backend::VlmBackend;
+use crate::error::VlmError;
 use crate::text::shown_model;
 
 /// Where a server stands.
@@ -54,6 +55,7 @@ impl HealthState {
 
 /// One HTTP probe made while checking health.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HealthProbe {
     /// The route, e.g. `GET /health`.
     pub route: String,
@@ -61,6 +63,18 @@ pub struct HealthProbe {
     pub status: Option<u16>,
     /// A short note (body summary, error).
     pub note: String,
+}
+
+impl HealthProbe {
+    /// A probe of `route` (e.g. `GET /health`), its status (`None` when nothing answered) and a
+    /// short note.
+    pub fn new(route: impl Into<String>, status: Option<u16>, note: impl Into<String>) -> Self {
+        HealthProbe {
+            route: route.into(),
+            status,
+            note: note.into(),
+        }
+    }
 }
 
 /// What a health check found.
@@ -130,5 +144,35 @@ impl fmt::Display for HealthReport {
             writeln!(f, "  {} -> {} {}", p.route, status, p.note)?;
         }
         Ok(())
+    }
+}
+
+/// A short note for a probe that failed.
+pub fn err_note(err: &VlmError) -> String {
+    match err {
+        VlmError::Http { message, .. } => message.clone(),
+        VlmError::Unreachable { reason, .. } | VlmError::Transport { reason, .. } => reason.clone(),
+        VlmError::Timeout { after, .. } => format!("no answer within {:.1} s", after.as_secs_f64()),
+        other => other.to_string(),
+    }
+}
+
+/// The health state a failed probe implies.
+pub fn state_for_error(err: &VlmError, what: &str) -> HealthState {
+    match err {
+        VlmError::Unreachable { .. } | VlmError::Timeout { .. } => HealthState::Unreachable {
+            reason: err.to_string(),
+        },
+        VlmError::Http { status: 503, .. } => HealthState::Starting {
+            reason: format!("{what} answered 503: {}", err_note(err)),
+        },
+        VlmError::Http {
+            status: 401 | 403, ..
+        } => HealthState::Unhealthy {
+            reason: err.to_string(),
+        },
+        _ => HealthState::Unhealthy {
+            reason: format!("{what} failed: {err}"),
+        },
     }
 }

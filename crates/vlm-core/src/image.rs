@@ -222,14 +222,14 @@ impl ImageInput {
                 if let Some(declared) = mime
                     && *declared != found
                 {
-                    return Err(VlmError::Image {
-                        source_name: name,
-                        message: format!(
+                    return Err(VlmError::image(
+                        name,
+                        format!(
                             "declared as {} but the bytes are {}",
                             declared.as_str(),
                             found.as_str()
                         ),
-                    });
+                    ));
                 }
                 Ok(LoadedImage::Inline {
                     data: data.clone(),
@@ -246,12 +246,11 @@ impl ImageInput {
                 if starts("http://") || starts("https://") || starts("data:image/") {
                     Ok(LoadedImage::Url(url.clone()))
                 } else {
-                    Err(VlmError::Image {
-                        source_name: self.source_name(),
-                        message: "an image URL must start with http://, https:// or data:image/; \
-                                  pass local files as paths"
-                            .to_owned(),
-                    })
+                    Err(VlmError::image(
+                        self.source_name(),
+                        "an image URL must start with http://, https:// or data:image/; pass \
+                         local files as paths",
+                    ))
                 }
             }
         }
@@ -260,24 +259,26 @@ impl ImageInput {
 
 fn check_size(name: &str, len: u64, max_bytes: u64) -> Result<(), VlmError> {
     if len > max_bytes {
-        return Err(VlmError::Image {
-            source_name: name.to_owned(),
-            message: format!(
+        return Err(VlmError::image(
+            name,
+            format!(
                 "{len} bytes is over the limit of {max_bytes} bytes (vlm_max_image_bytes); \
                  downscale it or raise the limit"
             ),
-        });
+        ));
     }
     Ok(())
 }
 
 fn sniff(name: &str, data: &[u8]) -> Result<ImageMime, VlmError> {
-    ImageMime::detect(data).ok_or_else(|| VlmError::Image {
-        source_name: name.to_owned(),
-        message: format!(
-            "not a PNG, JPEG, WebP or GIF image: {}",
-            describe_non_image(data)
-        ),
+    ImageMime::detect(data).ok_or_else(|| {
+        VlmError::image(
+            name,
+            format!(
+                "not a PNG, JPEG, WebP or GIF image: {}",
+                describe_non_image(data)
+            ),
+        )
     })
 }
 
@@ -286,13 +287,11 @@ async fn load_path(path: &Path, max_bytes: u64) -> Result<LoadedImage, VlmError>
     let io_err = |e: std::io::Error| VlmError::Image {
         source_name: name.clone(),
         message: format!("cannot read it: {e}"),
+        source: Some(Box::new(e)),
     };
     let meta = tokio::fs::metadata(path).await.map_err(io_err)?;
     if !meta.is_file() {
-        return Err(VlmError::Image {
-            source_name: name,
-            message: "not a regular file".to_owned(),
-        });
+        return Err(VlmError::image(name, "not a regular file"));
     }
     check_size(&name, meta.len(), max_bytes)?;
     let data = tokio::fs::read(path).await.map_err(io_err)?;

@@ -8,8 +8,13 @@
 //! - [`VlmBackend`], always knowing every backend whichever features are compiled;
 //! - [`VlmError`], whose messages say what to do next;
 //! - [`HealthReport`] / [`HealthState`]: why a server is or is not ready;
-//! - [`openai`], the one chat-completions payload builder and the decoder of every error-body
-//!   shape, and [`transport`], the pooled HTTP client the backends are built from.
+//! - [`openai`]: the one chat-completions payload builder and [`openai::OpenAiCompatible`], the
+//!   one client every OpenAI-compatible backend is built from;
+//! - [`text`]: how text a server chose is cleaned before it is shown (key redacted, control
+//!   characters escaped, length capped).
+//!
+//! The modules import each other in one direction: `backend` ← `error` ← `config`, `text`,
+//! `image`, `request`, `response`, `health` ← `transport`, `stream` ← `client` ← `openai`.
 //!
 //! ```
 //! use vlm_core::{ImageInput, VlmBackend, VlmRequest};
@@ -31,22 +36,30 @@
 mod backend;
 pub mod batch;
 mod client;
+mod config;
 mod error;
+mod error_body;
 mod health;
 mod image;
+mod key;
+mod models;
 pub mod openai;
 mod request;
 mod response;
-pub mod retry;
-pub mod stream;
+mod retry;
+mod stream;
+#[doc(hidden)]
+pub mod support;
 pub mod text;
-pub mod transport;
+mod transport;
 
-pub use backend::{VlmBackend, edit_distance};
-pub use client::{ApiKey, ClientConfig, ModelSlot, VlmClient, normalize_base_url, server_root};
-pub use error::VlmError;
+pub use backend::{ParseBackendError, VlmBackend};
+pub use client::VlmClient;
+pub use config::{ClientConfig, normalize_base_url, server_root};
+pub use error::{BoxError, VlmError};
 pub use health::{HealthProbe, HealthReport, HealthState};
 pub use image::{ImageInput, ImageMime, LoadedImage, describe_non_image, encode_data_url};
+pub use key::ApiKey;
 pub use request::{RESERVED_FIELDS, ResponseFormat, VlmRequest, VlmRequestBuilder};
 pub use response::{Usage, VlmResponse};
 pub use stream::{StreamEvent, VlmStream};

@@ -5,10 +5,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::VlmBackend;
+use crate::text::ServerText;
 
 /// Token counts reported by the server. A count the server left out or sent as `null` (vLLM
 /// and LMDeploy declare them optional) reads as 0: an answer is never lost over its usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Usage {
     /// Tokens in the prompt, images included.
     #[serde(default, deserialize_with = "null_as_zero")]
@@ -19,6 +21,22 @@ pub struct Usage {
     /// The sum, as the server reported it.
     #[serde(default, deserialize_with = "null_as_zero")]
     pub total_tokens: u64,
+}
+
+impl Usage {
+    /// Token counts as a server reports them.
+    ///
+    /// ```
+    /// let usage = vlm_core::Usage::new(5, 2, 7);
+    /// assert_eq!(usage.total_tokens, 7);
+    /// ```
+    pub fn new(prompt_tokens: u64, completion_tokens: u64, total_tokens: u64) -> Self {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens,
+        }
+    }
 }
 
 fn null_as_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -62,4 +80,42 @@ pub struct VlmResponse {
     pub backend: VlmBackend,
     /// Wall time from sending the request to having parsed the answer.
     pub latency: Duration,
+}
+
+impl VlmResponse {
+    /// An answer with only its text, for clients written outside this crate (mocks, new
+    /// backends); the other fields start empty and can be set.
+    ///
+    /// ```
+    /// use vlm_core::{VlmBackend, VlmResponse};
+    /// let mut answer = VlmResponse::new(VlmBackend::Vllm, "m", "Neutral.");
+    /// answer.finish_reason = Some("stop".into());
+    /// assert_eq!(answer.text, "Neutral.");
+    /// ```
+    pub fn new(backend: VlmBackend, model: impl Into<String>, text: impl Into<String>) -> Self {
+        VlmResponse {
+            text: text.into(),
+            reasoning: None,
+            finish_reason: None,
+            usage: None,
+            model: model.into(),
+            backend,
+            latency: Duration::ZERO,
+        }
+    }
+}
+
+/// The token counts of a `usage` object, or `None` (with a warning) when they are not counts.
+pub(crate) fn lenient_usage(backend: VlmBackend, raw: &str, clean: &ServerText) -> Option<Usage> {
+    match serde_json::from_str::<Option<Usage>>(raw) {
+        Ok(usage) => usage,
+        Err(e) => {
+            let said = clean.clean(&format!("{e}: {}", clean.snippet(raw.as_bytes(), 200)), 400);
+            tracing::warn!(
+                "the {backend} server's usage is not token counts ({said}); the answer is kept \
+                 and its usage recorded as null"
+            );
+            None
+        }
+    }
 }

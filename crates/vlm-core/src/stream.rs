@@ -20,8 +20,8 @@ use serde_json::Value;
 
 use crate::backend::VlmBackend;
 use crate::error::VlmError;
-use crate::openai::{decode_error_body, lenient_usage};
-use crate::response::Usage;
+use crate::error_body::decode_error_body;
+use crate::response::{Usage, lenient_usage};
 use crate::text::{MAX_MESSAGE_BYTES, ServerText};
 
 /// One piece of a streamed answer.
@@ -44,7 +44,8 @@ pub type VlmStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, VlmError>> + 
 /// The events one SSE `data:` payload carries; `Ok(None)` for `[DONE]`.
 ///
 /// ```
-/// use vlm_core::stream::{parse_sse_data, StreamEvent};
+/// use vlm_core::support::parse_sse_data;
+/// use vlm_core::StreamEvent;
 /// use vlm_core::VlmBackend;
 ///
 /// let chunk = r#"{"choices":[{"index":0,"delta":{"content":"Warm"},"finish_reason":null}]}"#;
@@ -242,6 +243,7 @@ where
                     url: state.cx.url.clone(),
                     after: state.cx.total_timeout,
                     setting: "vlm_timeout",
+                    source: None,
                 };
                 return Some((Err(err), state));
             }
@@ -259,6 +261,7 @@ where
                             state.cx.chunk_timeout
                         },
                         setting: "vlm_timeout",
+                        source: None,
                     };
                     return Some((Err(err), state));
                 }
@@ -281,6 +284,7 @@ where
                         backend: state.cx.backend,
                         url: state.cx.url.clone(),
                         reason: format!("the stream broke: {e}"),
+                        source: None,
                     };
                     return Some((Err(err), state));
                 }

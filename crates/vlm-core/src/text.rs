@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 
-use crate::client::ApiKey;
+use crate::key::ApiKey;
 
 /// The longest server-supplied message kept in an error (2 KiB); longer ones are cut with a
 /// marker.

@@ -8,10 +8,11 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use url::Url;
 
 use crate::backend::VlmBackend;
-use crate::client::{ApiKey, ClientConfig, server_root};
+use crate::config::{ClientConfig, server_root};
 use crate::error::VlmError;
-use crate::health::HealthProbe;
-use crate::openai;
+use crate::error_body::decode_error_body;
+use crate::health::{HealthProbe, err_note};
+use crate::key::ApiKey;
 use crate::retry::{RetryPolicy, parse_retry_after, retryable_status};
 use crate::text::{MAX_MESSAGE_BYTES, ServerText};
 
@@ -100,22 +101,14 @@ impl std::fmt::Debug for Transport {
 }
 
 impl Transport {
-    /// Builds the transport (and its connection pool) from a client configuration.
+    /// Builds the transport (and its connection pool) from a client configuration, or uses the
+    /// caller's `reqwest::Client` when the configuration carries one.
     pub fn new(config: &ClientConfig) -> Result<Self, VlmError> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true)
-            .user_agent(concat!("imageworks-vlm/", env!("CARGO_PKG_VERSION")));
-        if is_loopback(&config.base_url) {
-            // No proxy can reach this machine's loopback; an HTTP_PROXY set for the internet
-            // must not swallow requests to a local server.
-            builder = builder.no_proxy();
-        }
-        let http = builder.build().map_err(|e| {
-            VlmError::config(format!(
-                "cannot set up the HTTP client: {e}; check the TLS and proxy environment"
-            ))
-        })?;
+        config.validate()?;
+        let http = match &config.http_client {
+            Some(http) => http.clone(),
+            None => build_http(config)?,
+        };
         Ok(Transport {
             http,
             backend: config.backend,
@@ -239,7 +232,7 @@ impl Transport {
                 // The server may still be generating, or has finished: sending it again would
                 // run the whole generation twice.
                 Err(e) if e.may_have_run() && !policy.retry_timeouts => return result,
-                Err(e) if e.is_retryable() => (policy.backoff(retry), openai::err_note(e)),
+                Err(e) if e.is_retryable() => (policy.backoff(retry), err_note(e)),
                 Err(_) => return result,
             };
             if retry >= policy.max_retries {
@@ -285,6 +278,7 @@ impl Transport {
             url: url.to_string(),
             after: timeout,
             setting: Budget::Inference.setting(),
+            source: None,
         };
         // One deadline for the headers and an error body alike.
         let deadline = tokio::time::Instant::now() + timeout;
@@ -378,6 +372,7 @@ impl Transport {
                         url: url.to_string(),
                         status,
                         reason: format!("after {} bytes: {}", body.len(), error_chain(&e)),
+                        source: Some(Box::new(e)),
                     });
                 }
             }
@@ -405,7 +400,7 @@ impl Transport {
                 let note = if resp.is_success() {
                     self.server_text.snippet(&resp.body, 80)
                 } else {
-                    openai::err_note(&self.http_error(&resp))
+                    err_note(&self.http_error(&resp))
                 };
                 probes.push(HealthProbe {
                     route,
@@ -418,7 +413,7 @@ impl Transport {
                 probes.push(HealthProbe {
                     route,
                     status: None,
-                    note: openai::err_note(&err),
+                    note: err_note(&err),
                 });
                 Err(err)
             }
@@ -458,6 +453,7 @@ impl Transport {
                 url: url_s,
                 reason,
                 start_command: self.backend.start_command(self.port()),
+                source: Some(Box::new(e)),
             }
         } else if e.is_timeout() {
             VlmError::Timeout {
@@ -465,12 +461,14 @@ impl Transport {
                 url: url_s,
                 after: self.budget(budget),
                 setting: budget.setting(),
+                source: Some(Box::new(e)),
             }
         } else {
             VlmError::Transport {
                 backend: self.backend,
                 url: url_s,
                 reason: error_chain(&e),
+                source: Some(Box::new(e)),
             }
         }
     }
@@ -481,7 +479,7 @@ impl Transport {
     pub fn http_error(&self, resp: &RawResponse) -> VlmError {
         // Redacted before decoding: a snippet of a non-JSON body must not hold half a key.
         let body = self.server_text.redact_bytes(&resp.body);
-        let decoded = openai::decode_error_body(resp.content_type.as_deref(), &body);
+        let decoded = decode_error_body(resp.content_type.as_deref(), &body);
         VlmError::Http {
             backend: self.backend,
             url: resp.url.to_string(),
@@ -490,6 +488,23 @@ impl Transport {
             kind: decoded.kind.map(|k| self.server_text.clean(&k, 200)),
         }
     }
+}
+
+fn build_http(config: &ClientConfig) -> Result<reqwest::Client, VlmError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true)
+        .user_agent(concat!("imageworks-vlm/", env!("CARGO_PKG_VERSION")));
+    if is_loopback(&config.base_url) {
+        // No proxy can reach this machine's loopback; an HTTP_PROXY set for the internet must
+        // not swallow requests to a local server.
+        builder = builder.no_proxy();
+    }
+    builder.build().map_err(|e| {
+        VlmError::config(format!(
+            "cannot set up the HTTP client: {e}; check the TLS and proxy environment"
+        ))
+    })
 }
 
 fn join(base: &Url, path: &str) -> Url {

@@ -27,7 +27,7 @@
 //!     .load()?;
 //! let client = build_client(&settings)?;
 //! let report = client.health().await?;
-//! println!("🤖 VLM: {}/{}", client.backend(), client.model());
+//! println!("🤖 VLM: {}/{}", client.backend(), client.model().unwrap_or("?"));
 //! # let _ = report; Ok(()) }
 //! ```
 #![deny(missing_docs)]
@@ -48,7 +48,8 @@ pub use vlm_core::{VlmBackend, VlmClient, VlmError};
 /// ```
 pub fn compiled_backends() -> Vec<VlmBackend> {
     VlmBackend::ALL
-        .into_iter()
+        .iter()
+        .copied()
         .filter(|b| is_compiled(*b))
         .collect()
 }
@@ -93,25 +94,16 @@ pub fn build_client(settings: &VlmSettings) -> Result<Arc<dyn VlmClient>, VlmErr
     tracing::debug!(
         backend = %client.backend(),
         base_url = %client.base_url(),
-        model = client.model(),
+        model = client.model().unwrap_or("(discovered)"),
         "built VLM client"
     );
     Ok(client)
 }
 
 fn not_compiled(backend: VlmBackend) -> VlmError {
-    let compiled = compiled_backends();
     VlmError::BackendNotCompiled {
         backend,
         feature: backend.cargo_feature(),
-        compiled: if compiled.is_empty() {
-            "none".to_owned()
-        } else {
-            compiled
-                .iter()
-                .map(|b| b.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        },
+        compiled: compiled_backends(),
     }
 }

@@ -8,9 +8,8 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Format, Toml};
 use figment::value::{Num, Value};
-use vlm_core::{
-    ApiKey, ClientConfig, Url, VlmBackend, VlmError, edit_distance, normalize_base_url,
-};
+use vlm_core::support::edit_distance;
+use vlm_core::{ApiKey, ClientConfig, Url, VlmBackend, VlmError, normalize_base_url};
 
 /// One configuration key: its name, default and meaning. Every `vlm_x` key is also read from
 /// the environment variable `VLM_X`.
@@ -95,7 +94,7 @@ const PER_BACKEND: [&str; 3] = ["base_url", "model", "api_key"];
 /// Every key this crate knows, generic and per-backend.
 pub fn known_keys() -> Vec<String> {
     let mut keys: Vec<String> = KEYS.iter().map(|k| k.key.to_owned()).collect();
-    for backend in VlmBackend::ALL {
+    for &backend in VlmBackend::ALL {
         for field in PER_BACKEND {
             keys.push(format!("vlm_{backend}_{field}"));
         }

@@ -28,69 +28,26 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-use vlm_core::openai::{OpenAiChat, err_note, json_string_field, state_for_error};
+use vlm_core::openai::{OpenAiCompatible, OpenAiServer};
+use vlm_core::support::{Transport, err_note, json_string_field, state_for_error};
 use vlm_core::text::{MAX_MESSAGE_BYTES, ServerText};
-use vlm_core::transport::Transport;
-use vlm_core::{
-    ClientConfig, HealthReport, HealthState, ModelSlot, Url, VlmBackend, VlmClient, VlmError,
-    VlmRequest, VlmResponse, VlmStream, async_trait,
-};
+use vlm_core::{HealthReport, HealthState, VlmBackend, async_trait};
 
-/// A client for LMDeploy's OpenAI-compatible `api_server`.
-#[derive(Debug)]
-pub struct LmDeployClient {
-    chat: OpenAiChat,
-    model: ModelSlot,
-}
+/// LMDeploy's OpenAI-compatible `api_server`: its health sequence and quirks.
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct LmDeploy;
 
-impl LmDeployClient {
-    /// Builds the client (and its connection pool). Nothing is sent until the first call.
-    ///
-    /// ```
-    /// use vlm_core::{ClientConfig, VlmBackend, VlmClient};
-    /// let config = ClientConfig::new(VlmBackend::LmDeploy, "http://gpu:23333/").unwrap();
-    /// let client = vlm_lmdeploy::LmDeployClient::new(config).unwrap();
-    /// assert_eq!(client.base_url().as_str(), "http://gpu:23333/v1/");
-    /// ```
-    pub fn new(config: ClientConfig) -> Result<Self, VlmError> {
-        let mut config = config;
-        config.base_url =
-            vlm_core::normalize_base_url(VlmBackend::LmDeploy, config.base_url.as_str())?;
-        config.backend = VlmBackend::LmDeploy;
-        Ok(LmDeployClient {
-            chat: OpenAiChat {
-                transport: Transport::new(&config)?,
-                max_image_bytes: config.max_image_bytes,
-            },
-            model: ModelSlot::new(config.model),
-        })
-    }
-
-    /// The model to send: configured, adopted, or discovered now from `/v1/models`.
-    async fn resolve_model(&self) -> Result<String, VlmError> {
-        if self.model.is_known() {
-            return Ok(self.model.get().to_owned());
-        }
-        let transport = &self.chat.transport;
-        let mut report = HealthReport::new(
-            VlmBackend::LmDeploy,
-            transport.base_url().clone(),
-            HealthState::Ready,
-        );
-        let models = self.chat.list_models(&mut report.probes).await?;
-        report.served_models = models.into_iter().map(|m| m.id).collect();
-        vlm_core::openai::resolve_model(&mut report, &self.model)?;
-        match report.model {
-            Some(model) => Ok(model),
-            None => Err(VlmError::config(format!(
-                "no model is configured and the LMDeploy server at {} serves none; start it with \
-                 a model (`{}`)",
-                transport.base_url(),
-                VlmBackend::LmDeploy.start_command(transport.port())
-            ))),
-        }
-    }
-}
+/// A client for LMDeploy: [`OpenAiCompatible`] with LMDeploy's health sequence; `model` is
+/// always sent (discovered first if need be). Cheap to clone.
+///
+/// ```
+/// use vlm_core::{ClientConfig, VlmBackend, VlmClient};
+/// let config = ClientConfig::new(VlmBackend::LmDeploy, "http://gpu:23333/").unwrap();
+/// let client = vlm_lmdeploy::LmDeployClient::new(config).unwrap();
+/// assert_eq!(client.base_url().as_str(), "http://gpu:23333/v1/");
+/// ```
+pub type LmDeployClient = OpenAiCompatible<LmDeploy>;
 
 /// What LMDeploy's `/health` body says (its text cleaned: key redacted, escaped, capped).
 fn liveness_from_body(status: u16, body: &[u8], clean: &ServerText) -> Option<HealthState> {
@@ -122,74 +79,38 @@ fn liveness_from_body(status: u16, body: &[u8], clean: &ServerText) -> Option<He
 }
 
 #[async_trait]
-impl VlmClient for LmDeployClient {
-    fn backend(&self) -> VlmBackend {
-        VlmBackend::LmDeploy
-    }
+impl OpenAiServer for LmDeploy {
+    const BACKEND: VlmBackend = VlmBackend::LmDeploy;
+    // LMDeploy requires `model`; an unknown one is a 404.
+    const REQUIRES_MODEL: bool = true;
 
-    fn model(&self) -> &str {
-        self.model.get()
-    }
-
-    fn base_url(&self) -> &Url {
-        self.chat.transport.base_url()
-    }
-
-    async fn health(&self) -> Result<HealthReport, VlmError> {
-        let transport = &self.chat.transport;
-        let mut report = HealthReport::new(
-            VlmBackend::LmDeploy,
-            transport.base_url().clone(),
-            HealthState::Ready,
-        );
-        report.model = self.model.configured().map(str::to_owned);
+    async fn liveness(
+        &self,
+        transport: &Transport,
+        report: &mut HealthReport,
+    ) -> Option<HealthState> {
         let resp = match transport.probe("health", &mut report.probes).await {
             Ok(resp) => resp,
-            Err(err) => {
-                report.state = state_for_error(&err, "GET /health");
-                return Ok(report);
-            }
+            Err(err) => return Some(state_for_error(&err, "GET /health")),
         };
         let liveness = liveness_from_body(resp.status, &resp.body, transport.server_text());
         match (resp.status, liveness) {
             // >= 0.14: the body says what the engine is doing.
-            (_, Some(HealthState::Ready)) => {}
-            (_, Some(state)) => {
-                report.state = state;
-                return Ok(report);
-            }
+            (_, Some(HealthState::Ready)) => None,
+            (_, Some(state)) => Some(state),
             // 0.5-0.13: an empty 200; < 0.5: no /health route at all.
-            (200..=299 | 404, None) => {}
-            (503, None) => {
-                report.state = HealthState::Starting {
-                    reason: "GET /health answered 503; the engine is still loading".to_owned(),
-                };
-                return Ok(report);
-            }
-            (status, None) => {
-                report.state = HealthState::Unhealthy {
-                    reason: format!(
-                        "GET /health answered {status}: {}; is {} an LMDeploy api_server?",
-                        err_note(&transport.http_error(&resp)),
-                        transport.root_endpoint("")
-                    ),
-                };
-                return Ok(report);
-            }
+            (200..=299 | 404, None) => None,
+            (503, None) => Some(HealthState::Starting {
+                reason: "GET /health answered 503; the engine is still loading".to_owned(),
+            }),
+            (status, None) => Some(HealthState::Unhealthy {
+                reason: format!(
+                    "GET /health answered {status}: {}; is {} an LMDeploy api_server?",
+                    err_note(&transport.http_error(&resp)),
+                    transport.root_endpoint("")
+                ),
+            }),
         }
-        self.chat.check_models(&mut report, &self.model).await?;
-        Ok(report)
-    }
-
-    async fn infer_single(&self, request: &VlmRequest) -> Result<VlmResponse, VlmError> {
-        // LMDeploy requires `model`; an unknown one is a 404.
-        let model = self.resolve_model().await?;
-        self.chat.chat(request, Some(&model)).await
-    }
-
-    async fn infer_stream(&self, request: &VlmRequest) -> Result<VlmStream, VlmError> {
-        let model = self.resolve_model().await?;
-        self.chat.chat_stream(request, Some(&model)).await
     }
 }
 

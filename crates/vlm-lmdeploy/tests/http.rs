@@ -131,7 +131,7 @@ async fn wrong_model_is_unhealthy_and_the_only_model_is_adopted() {
 
     let unconfigured = client(&server, None);
     assert!(unconfigured.health().await.unwrap().is_ready());
-    assert_eq!(unconfigured.model(), "Qwen2.5-VL-7B-AWQ");
+    assert_eq!(unconfigured.model(), Some("Qwen2.5-VL-7B-AWQ"));
 }
 
 #[tokio::test]

@@ -26,12 +26,15 @@
 #![forbid(unsafe_code)]
 
 use serde_json::Value;
-use vlm_core::openai::{err_note, json_string_field, state_for_error};
+use std::sync::Arc;
+
+use vlm_core::support::{
+    Auth, Budget, ModelSlot, RawResponse, Transport, err_note, json_string_field, state_for_error,
+};
 use vlm_core::text::shown_model;
-use vlm_core::transport::{Budget, RawResponse, Transport};
 use vlm_core::{
-    ClientConfig, HealthProbe, HealthReport, HealthState, ModelSlot, Url, VlmBackend, VlmClient,
-    VlmError, VlmRequest, VlmResponse, VlmStream, async_trait,
+    ClientConfig, HealthProbe, HealthReport, HealthState, Url, VlmBackend, VlmClient, VlmError,
+    VlmRequest, VlmResponse, VlmStream, async_trait,
 };
 
 /// What to do instead of Triton inference today; the message of the `Unsupported` error.
@@ -43,14 +46,16 @@ parts. TensorRT-LLM multimodal ensembles take `image_url_input` through Triton's
 extension (`POST /v2/models/ensemble/generate`); support for that is a planned follow-up";
 
 /// A client for Triton Inference Server (KServe v2 HTTP/REST protocol).
-#[derive(Debug)]
+/// Cheap to clone: clones share one connection pool and one adopted model.
+#[derive(Debug, Clone)]
 pub struct TritonClient {
     transport: Transport,
-    model: ModelSlot,
+    model: Arc<ModelSlot>,
 }
 
 impl TritonClient {
-    /// Builds the client. Logs a warning that inference is a stub.
+    /// Builds the client. Nothing is sent until the first call; inference answers
+    /// [`VlmError::Unsupported`] with [`INFERENCE_GUIDANCE`].
     ///
     /// ```
     /// use vlm_core::{ClientConfig, VlmBackend, VlmClient};
@@ -63,13 +68,9 @@ impl TritonClient {
         config.base_url =
             vlm_core::normalize_base_url(VlmBackend::Triton, config.base_url.as_str())?;
         config.backend = VlmBackend::Triton;
-        tracing::warn!(
-            "the Triton client is a stub: health checks are real, inference is not implemented \
-             yet (use trtllm-serve with --vlm-backend vllm for images)"
-        );
         Ok(TritonClient {
             transport: Transport::new(&config)?,
-            model: ModelSlot::new(config.model),
+            model: Arc::new(ModelSlot::new(config.model)),
         })
     }
 
@@ -102,27 +103,23 @@ impl TritonClient {
                     .filter_map(|m| m.get("name").and_then(Value::as_str).map(str::to_owned))
                     .collect();
                 let shown: Vec<String> = names.iter().map(|n| shown_model(n)).collect();
-                probes.push(HealthProbe {
+                probes.push(HealthProbe::new(
                     route,
-                    status: Some(resp.status),
-                    note: format!("ready: {}", shown.join(", ")),
-                });
+                    Some(resp.status),
+                    format!("ready: {}", shown.join(", ")),
+                ));
                 Some(names)
             }
             Ok(resp) => {
-                probes.push(HealthProbe {
+                probes.push(HealthProbe::new(
                     route,
-                    status: Some(resp.status),
-                    note: err_note(&self.transport.http_error(&resp)),
-                });
+                    Some(resp.status),
+                    err_note(&self.transport.http_error(&resp)),
+                ));
                 None
             }
             Err(err) => {
-                probes.push(HealthProbe {
-                    route,
-                    status: None,
-                    note: err_note(&err),
-                });
+                probes.push(HealthProbe::new(route, None, err_note(&err)));
                 None
             }
         }
@@ -155,7 +152,7 @@ impl VlmClient for TritonClient {
         VlmBackend::Triton
     }
 
-    fn model(&self) -> &str {
+    fn model(&self) -> Option<&str> {
         self.model.get()
     }
 
@@ -257,22 +254,22 @@ impl VlmClient for TritonClient {
             }
             report.served_models = ready.unwrap_or_default();
         }
-        let model = self.model.get().to_owned();
+        let Some(model) = self.model.get().map(str::to_owned) else {
+            report.state = HealthState::Unhealthy {
+                reason: "no model is configured; set --vlm-model (or vlm_triton_model)".to_owned(),
+            };
+            return Ok(report);
+        };
         report.model = Some(model.clone());
 
         let url = self.model_route(&model, "ready");
-        let route = format!("GET {}", url.path());
-        let resp = match t
-            .get(&url, vlm_core::transport::Auth::None, Budget::Health)
-            .await
-        {
+        let route = format!("GET {}", vlm_core::text::clip(url.path(), 600));
+        let resp = match t.get(&url, Auth::None, Budget::Health).await {
             Ok(resp) => resp,
             Err(err) => {
-                report.probes.push(HealthProbe {
-                    route,
-                    status: None,
-                    note: err_note(&err),
-                });
+                report
+                    .probes
+                    .push(HealthProbe::new(route, None, err_note(&err)));
                 report.state = state_for_error(&err, "the model readiness check");
                 return Ok(report);
             }
@@ -282,11 +279,9 @@ impl VlmClient for TritonClient {
         } else {
             self.server_message(&resp)
         };
-        report.probes.push(HealthProbe {
-            route,
-            status: Some(resp.status),
-            note: message.clone(),
-        });
+        report
+            .probes
+            .push(HealthProbe::new(route, Some(resp.status), message.clone()));
         report.state = match resp.status {
             200..=299 => HealthState::Ready,
             404 => HealthState::Unhealthy {

@@ -171,7 +171,7 @@ async fn without_a_model_the_only_ready_one_in_the_repository_is_checked() {
     let report = client.health().await.unwrap();
     index.assert_calls_async(1).await;
     assert_eq!(report.state, HealthState::Ready, "{report}");
-    assert_eq!(client.model(), "ensemble");
+    assert_eq!(client.model(), Some("ensemble"));
 }
 
 #[tokio::test]

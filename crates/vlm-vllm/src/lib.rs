@@ -16,7 +16,7 @@
 //! # async fn run() -> Result<(), vlm_core::VlmError> {
 //! let config = ClientConfig::new(VlmBackend::Vllm, "http://localhost:8000/v1")?
 //!     .with_model("Qwen/Qwen2-VL-2B-Instruct");
-//! let client = VllmClient::new(config)?;
+//! let client = VllmClient::new(config)?; // clones share one connection pool
 //! println!("{}", client.health().await?);
 //! let request = VlmRequest::builder("Describe this image.")
 //!     .image(ImageInput::path("photo.jpg"))
@@ -27,93 +27,59 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-use vlm_core::openai::{OpenAiChat, err_note, json_string_field, state_for_error};
-use vlm_core::transport::Transport;
-use vlm_core::{
-    ClientConfig, HealthReport, HealthState, ModelSlot, Url, VlmBackend, VlmClient, VlmError,
-    VlmRequest, VlmResponse, VlmStream, async_trait,
-};
+use vlm_core::openai::{OpenAiCompatible, OpenAiServer};
+use vlm_core::support::{Transport, err_note, json_string_field, state_for_error};
+use vlm_core::{HealthReport, HealthState, VlmBackend, async_trait};
 
-/// A client for vLLM's OpenAI-compatible server (`vllm serve <model>`).
-#[derive(Debug)]
-pub struct VllmClient {
-    chat: OpenAiChat,
-    model: ModelSlot,
-}
+/// vLLM's OpenAI-compatible server (`vllm serve <model>`): its health sequence and quirks.
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct Vllm;
 
-impl VllmClient {
-    /// Builds the client (and its connection pool). Nothing is sent until the first call.
-    ///
-    /// ```
-    /// use vlm_core::{ClientConfig, VlmBackend, VlmClient};
-    /// let config = ClientConfig::new(VlmBackend::Vllm, "localhost:8000").unwrap();
-    /// let client = vlm_vllm::VllmClient::new(config).unwrap();
-    /// assert_eq!(client.base_url().as_str(), "http://localhost:8000/v1/");
-    /// assert_eq!(client.model(), "");
-    /// ```
-    pub fn new(config: ClientConfig) -> Result<Self, VlmError> {
-        let mut config = config;
-        config.base_url = vlm_core::normalize_base_url(VlmBackend::Vllm, config.base_url.as_str())?;
-        config.backend = VlmBackend::Vllm;
-        Ok(VllmClient {
-            chat: OpenAiChat {
-                transport: Transport::new(&config)?,
-                max_image_bytes: config.max_image_bytes,
-            },
-            model: ModelSlot::new(config.model),
-        })
-    }
-}
+/// A client for vLLM: [`OpenAiCompatible`] with vLLM's health sequence. Cheap to clone.
+///
+/// ```
+/// use vlm_core::{ClientConfig, VlmBackend, VlmClient};
+/// let config = ClientConfig::new(VlmBackend::Vllm, "localhost:8000").unwrap();
+/// let client = vlm_vllm::VllmClient::new(config).unwrap();
+/// assert_eq!(client.base_url().as_str(), "http://localhost:8000/v1/");
+/// assert_eq!(client.model(), None);
+/// ```
+pub type VllmClient = OpenAiCompatible<Vllm>;
 
 #[async_trait]
-impl VlmClient for VllmClient {
-    fn backend(&self) -> VlmBackend {
-        VlmBackend::Vllm
-    }
+impl OpenAiServer for Vllm {
+    const BACKEND: VlmBackend = VlmBackend::Vllm;
+    // vLLM's `model` is optional: while unknown, it is left out and the server uses its model.
+    const REQUIRES_MODEL: bool = false;
 
-    fn model(&self) -> &str {
-        self.model.get()
-    }
-
-    fn base_url(&self) -> &Url {
-        self.chat.transport.base_url()
-    }
-
-    async fn health(&self) -> Result<HealthReport, VlmError> {
-        let transport = &self.chat.transport;
-        let mut report = HealthReport::new(
-            VlmBackend::Vllm,
-            transport.base_url().clone(),
-            HealthState::Ready,
-        );
-        report.model = self.model.configured().map(str::to_owned);
+    async fn liveness(
+        &self,
+        transport: &Transport,
+        report: &mut HealthReport,
+    ) -> Option<HealthState> {
         match transport.probe("health", &mut report.probes).await {
-            Err(err) => {
-                report.state = state_for_error(&err, "GET /health");
-                return Ok(report);
-            }
+            Err(err) => return Some(state_for_error(&err, "GET /health")),
             Ok(resp) if resp.is_success() => {}
+            // vLLM answers 503 on /health only when the engine has died; it does not recover
+            // by itself.
             Ok(resp) if resp.status == 503 => {
-                // vLLM answers 503 on /health only when the engine has died; it does not
-                // recover by itself.
-                report.state = HealthState::Unhealthy {
+                return Some(HealthState::Unhealthy {
                     reason: "GET /health answered 503: the vLLM engine is dead; restart the \
                              server and check its log"
                         .to_owned(),
-                };
-                return Ok(report);
+                });
             }
             Ok(resp) => {
                 let err = transport.http_error(&resp);
-                report.state = HealthState::Unhealthy {
+                return Some(HealthState::Unhealthy {
                     reason: format!(
                         "GET /health answered {}: {}; is {} a vLLM server?",
                         resp.status,
                         err_note(&err),
                         transport.root_endpoint("")
                     ),
-                };
-                return Ok(report);
+                });
             }
         }
         if let Ok(resp) = transport.probe("version", &mut report.probes).await
@@ -121,22 +87,6 @@ impl VlmClient for VllmClient {
         {
             report.server_version = json_string_field(&resp.body, "version");
         }
-        self.chat.check_models(&mut report, &self.model).await?;
-        Ok(report)
-    }
-
-    async fn infer_single(&self, request: &VlmRequest) -> Result<VlmResponse, VlmError> {
-        // vLLM's `model` is optional: while unknown, omit it and let the server use its model.
-        let model = self.model.is_known().then(|| self.model.get());
-        let response = self.chat.chat(request, model).await?;
-        if !self.model.is_known() && !response.model.is_empty() {
-            self.model.adopt(&response.model);
-        }
-        Ok(response)
-    }
-
-    async fn infer_stream(&self, request: &VlmRequest) -> Result<VlmStream, VlmError> {
-        let model = self.model.is_known().then(|| self.model.get());
-        self.chat.chat_stream(request, model).await
+        None
     }
 }

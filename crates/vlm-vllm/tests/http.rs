@@ -140,11 +140,11 @@ async fn the_only_served_model_is_adopted_when_none_is_configured() {
     let server = MockServer::start_async().await;
     serve_health(&server, &["only-model"]).await;
     let client = client(&server, None, None);
-    assert_eq!(client.model(), "");
+    assert_eq!(client.model(), None);
     let report = client.health().await.unwrap();
     assert!(report.is_ready(), "{report}");
     assert_eq!(report.model.as_deref(), Some("only-model"));
-    assert_eq!(client.model(), "only-model");
+    assert_eq!(client.model(), Some("only-model"));
 }
 
 #[tokio::test]
@@ -324,7 +324,7 @@ async fn model_is_omitted_while_unknown_and_adopted_from_the_answer() {
         .unwrap();
     chat.assert_calls_async(1).await;
     assert_eq!(answer.finish_reason.as_deref(), Some("length"));
-    assert_eq!(client.model(), "served-model");
+    assert_eq!(client.model(), Some("served-model"));
 }
 
 #[tokio::test]

@@ -332,7 +332,26 @@ async fn an_existing_output_needs_resume_which_skips_what_is_done() {
     assert_eq!(run(cmd).await.status.code(), Some(2));
 }
 
-#[cfg(feature = "lmdeploy")]
+#[cfg(not(feature = "emulate"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_emulate_feature_emulate_says_how_to_get_it() {
+    let dir = workdir();
+    let mut cmd = vlm(&dir);
+    cmd.args(["narrate", "--emulate", "images"]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("built without the built-in emulator") && err.contains("--features emulate"),
+        "{err}"
+    );
+    let mut cmd = vlm(&dir);
+    cmd.args(["emulate", "--backend", "vllm"]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+#[cfg(all(feature = "lmdeploy", feature = "emulate"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emulate_flag_narrates_with_no_server_and_says_so() {
     let dir = workdir();

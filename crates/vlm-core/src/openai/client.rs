@@ -1,0 +1,322 @@
+//! One client for every OpenAI-compatible server. A backend crate supplies only what differs:
+//! its server's health sequence and whether `model` must be sent ([`OpenAiServer`]).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use url::Url;
+
+use super::parse::{ServedModel, parse_chat_response, parse_model_list};
+use super::payload::{PayloadOptions, build_chat_body};
+use crate::backend::VlmBackend;
+use crate::client::VlmClient;
+use crate::config::{ClientConfig, normalize_base_url};
+use crate::error::VlmError;
+use crate::health::{HealthProbe, HealthReport, HealthState, err_note, state_for_error};
+use crate::models::{ModelSlot, resolve_model};
+use crate::request::VlmRequest;
+use crate::response::VlmResponse;
+use crate::stream::{StreamContext, VlmStream, sse_events};
+use crate::text::shown_model;
+use crate::transport::{Auth, Budget, Transport};
+
+/// What one OpenAI-compatible server does its own way. Implemented by each backend crate
+/// (`vlm_vllm::Vllm`, `vlm_lmdeploy::LmDeploy`); [`OpenAiCompatible`] does the rest.
+#[async_trait]
+pub trait OpenAiServer: Send + Sync + fmt::Debug + Default + 'static {
+    /// The backend this server is.
+    const BACKEND: VlmBackend;
+
+    /// Whether every request must name the model. LMDeploy answers 404 without it, so the
+    /// model is discovered first; vLLM uses its served model when `model` is left out, so it is
+    /// left out while unknown and adopted from the answer.
+    const REQUIRES_MODEL: bool;
+
+    /// Checks the server before its model list is read, recording each probe in `report`.
+    /// `None` goes on to the model list; a state ends the check with it.
+    async fn liveness(
+        &self,
+        transport: &Transport,
+        report: &mut HealthReport,
+    ) -> Option<HealthState>;
+}
+
+/// A client for an OpenAI-compatible chat-completions server: images as `data:` URLs, retries,
+/// streaming, model discovery, and a health check of the server's own routes then
+/// `GET /v1/models`. Cheap to clone: clones share one connection pool and one adopted model.
+///
+/// ```no_run
+/// use vlm_core::{ClientConfig, VlmBackend, VlmClient};
+/// use vlm_core::openai::OpenAiCompatible;
+///
+/// # async fn run<S: vlm_core::openai::OpenAiServer>() -> Result<(), vlm_core::VlmError> {
+/// let client = OpenAiCompatible::<S>::new(ClientConfig::default_for(S::BACKEND)?)?;
+/// println!("{}", client.health().await?);
+/// # Ok(()) }
+/// ```
+pub struct OpenAiCompatible<S> {
+    inner: Arc<Inner<S>>,
+}
+
+struct Inner<S> {
+    server: S,
+    transport: Transport,
+    max_image_bytes: u64,
+    model: ModelSlot,
+}
+
+impl<S> Clone for OpenAiCompatible<S> {
+    fn clone(&self) -> Self {
+        OpenAiCompatible {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for OpenAiCompatible<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiCompatible")
+            .field("server", &self.inner.server)
+            .field("transport", &self.inner.transport)
+            .field("model", &self.inner.model)
+            .finish()
+    }
+}
+
+impl<S: OpenAiServer> OpenAiCompatible<S> {
+    /// Builds the client (and its connection pool, unless the configuration brings its own
+    /// `reqwest::Client`). Nothing is sent until the first call. The base URL is normalised for
+    /// this server, and a zero timeout is refused.
+    pub fn new(config: ClientConfig) -> Result<Self, VlmError> {
+        let mut config = config;
+        config.base_url = normalize_base_url(S::BACKEND, config.base_url.as_str())?;
+        config.backend = S::BACKEND;
+        Ok(OpenAiCompatible {
+            inner: Arc::new(Inner {
+                server: S::default(),
+                transport: Transport::new(&config)?,
+                max_image_bytes: config.max_image_bytes,
+                model: ModelSlot::new(config.model),
+            }),
+        })
+    }
+
+    /// The model to send: the known one; or, when the server requires one and none is known
+    /// yet, the one discovered now from `/v1/models`; or none (the server's own).
+    async fn model_to_send(&self) -> Result<Option<String>, VlmError> {
+        if let Some(model) = self.inner.model.get() {
+            return Ok(Some(model.to_owned()));
+        }
+        if !S::REQUIRES_MODEL {
+            return Ok(None);
+        }
+        let transport = &self.inner.transport;
+        let mut report =
+            HealthReport::new(S::BACKEND, transport.base_url().clone(), HealthState::Ready);
+        let models = self.list_models(&mut report.probes).await?;
+        report.served_models = models.into_iter().map(|m| m.id).collect();
+        resolve_model(&mut report, &self.inner.model)?;
+        match report.model {
+            Some(model) => Ok(Some(model)),
+            None => Err(VlmError::config(format!(
+                "no model is configured and the {} server at {} serves none; start it with a \
+                 model (`{}`)",
+                S::BACKEND,
+                transport.base_url(),
+                S::BACKEND.start_command(transport.port())
+            ))),
+        }
+    }
+
+    /// Checks the request, loads its images (files are read now, per request) and builds the
+    /// body; the loaded images are dropped before anything is sent.
+    async fn body(
+        &self,
+        request: &VlmRequest,
+        options: PayloadOptions<'_>,
+    ) -> Result<Vec<u8>, VlmError> {
+        request.validate()?;
+        let mut images = Vec::with_capacity(request.images.len());
+        for image in &request.images {
+            images.push(image.load(self.inner.max_image_bytes).await?);
+        }
+        build_chat_body(request, &images, options)
+    }
+
+    /// Loads the images, builds the body, posts it and parses the answer.
+    async fn chat(
+        &self,
+        request: &VlmRequest,
+        model: Option<&str>,
+    ) -> Result<VlmResponse, VlmError> {
+        let body = self
+            .body(
+                request,
+                PayloadOptions {
+                    model,
+                    stream: false,
+                },
+            )
+            .await?;
+        let url = self.inner.transport.endpoint("chat/completions");
+        let started = Instant::now();
+        let resp = self
+            .inner
+            .transport
+            .post_json_with_retries(&url, body.into())
+            .await?;
+        if !resp.is_success() {
+            return Err(self.inner.transport.http_error(&resp));
+        }
+        parse_chat_response(
+            self.inner.transport.backend(),
+            &resp,
+            model.unwrap_or(""),
+            started.elapsed(),
+            self.inner.transport.server_text(),
+        )
+    }
+
+    /// Like [`chat`](Self::chat), streamed: `"stream": true` with
+    /// `stream_options.include_usage`, each wait for the next event bounded by the timeout.
+    async fn chat_stream(
+        &self,
+        request: &VlmRequest,
+        model: Option<&str>,
+    ) -> Result<VlmStream, VlmError> {
+        let body = self
+            .body(
+                request,
+                PayloadOptions {
+                    model,
+                    stream: true,
+                },
+            )
+            .await?;
+        let url = self.inner.transport.endpoint("chat/completions");
+        let timeout = self.inner.transport.timeout;
+        // The whole answer, streamed or not, is bounded by vlm_timeout.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let resp = self
+            .inner
+            .transport
+            .post_json_streaming(&url, body.into(), timeout)
+            .await?;
+        Ok(sse_events(
+            StreamContext {
+                backend: self.inner.transport.backend(),
+                url: url.to_string(),
+                chunk_timeout: timeout,
+                total_timeout: timeout,
+                deadline,
+                clean: self.inner.transport.server_text().clone(),
+            },
+            resp.bytes_stream(),
+        ))
+    }
+
+    /// `GET /v1/models`, recorded as a probe.
+    pub async fn list_models(
+        &self,
+        probes: &mut Vec<HealthProbe>,
+    ) -> Result<Vec<ServedModel>, VlmError> {
+        let url = self.inner.transport.endpoint("models");
+        let resp = self
+            .inner
+            .transport
+            .get(&url, Auth::Bearer, Budget::Health)
+            .await;
+        let route = format!("GET {}", url.path());
+        match resp {
+            Ok(resp) if resp.is_success() => {
+                let models = parse_model_list(
+                    self.inner.transport.backend(),
+                    &resp,
+                    self.inner.transport.server_text(),
+                )?;
+                let names: Vec<String> = models.iter().map(|m| shown_model(&m.id)).collect();
+                probes.push(HealthProbe {
+                    route,
+                    status: Some(resp.status),
+                    note: format!("serves {}", names.join(", ")),
+                });
+                Ok(models)
+            }
+            Ok(resp) => {
+                let err = self.inner.transport.http_error(&resp);
+                probes.push(HealthProbe {
+                    route,
+                    status: Some(resp.status),
+                    note: err_note(&err),
+                });
+                Err(err)
+            }
+            Err(err) => {
+                probes.push(HealthProbe {
+                    route,
+                    status: None,
+                    note: err_note(&err),
+                });
+                Err(err)
+            }
+        }
+    }
+
+    /// Completes a report whose liveness probe passed: lists the models, checks the configured
+    /// one is served (or adopts the only one), and sets the final state.
+    async fn check_models(&self, report: &mut HealthReport) -> Result<(), VlmError> {
+        let models = match self.list_models(&mut report.probes).await {
+            Ok(models) => models,
+            Err(err) => {
+                report.state = state_for_error(&err, "the model list");
+                return Ok(());
+            }
+        };
+        report.served_models = models.iter().map(|m| m.id.clone()).collect();
+        resolve_model(report, &self.inner.model)
+    }
+}
+
+#[async_trait]
+impl<S: OpenAiServer> VlmClient for OpenAiCompatible<S> {
+    fn backend(&self) -> VlmBackend {
+        S::BACKEND
+    }
+
+    fn model(&self) -> Option<&str> {
+        self.inner.model.get()
+    }
+
+    fn base_url(&self) -> &Url {
+        self.inner.transport.base_url()
+    }
+
+    async fn health(&self) -> Result<HealthReport, VlmError> {
+        let transport = &self.inner.transport;
+        let mut report =
+            HealthReport::new(S::BACKEND, transport.base_url().clone(), HealthState::Ready);
+        report.model = self.inner.model.configured().map(str::to_owned);
+        if let Some(state) = self.inner.server.liveness(transport, &mut report).await {
+            report.state = state;
+            return Ok(report);
+        }
+        self.check_models(&mut report).await?;
+        Ok(report)
+    }
+
+    async fn infer_single(&self, request: &VlmRequest) -> Result<VlmResponse, VlmError> {
+        let model = self.model_to_send().await?;
+        let response = self.chat(request, model.as_deref()).await?;
+        if model.is_none() && !response.model.is_empty() {
+            self.inner.model.adopt(&response.model);
+        }
+        Ok(response)
+    }
+
+    async fn infer_stream(&self, request: &VlmRequest) -> Result<VlmStream, VlmError> {
+        let model = self.model_to_send().await?;
+        self.chat_stream(request, model.as_deref()).await
+    }
+}
