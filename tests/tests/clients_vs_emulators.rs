@@ -228,3 +228,89 @@ async fn triton_health_is_real_and_inference_says_what_to_do() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn errors_keep_their_cause_underneath() {
+    use std::error::Error as _;
+    // A port nothing listens on: refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = vlm_core::ClientConfig::new(VlmBackend::Vllm, &format!("127.0.0.1:{port}"))
+        .unwrap()
+        .with_model("m")
+        .with_max_retries(0);
+    let client = vlm_vllm::VllmClient::new(config).unwrap();
+    let err = client.infer_single(&ask(png(1))).await.unwrap_err();
+    assert!(err.is_unreachable(), "{err:?}");
+    let cause = err.source().expect("the transport's error is kept");
+    assert!(
+        cause.downcast_ref::<reqwest::Error>().is_some(),
+        "{cause:?}"
+    );
+
+    let missing = VlmRequest::builder("x")
+        .image(ImageInput::path("/nonexistent/photo.jpg"))
+        .build()
+        .unwrap();
+    let err = client.infer_single(&missing).await.unwrap_err();
+    let cause = err.source().expect("the io::Error is kept");
+    assert!(
+        cause.downcast_ref::<std::io::Error>().is_some(),
+        "{cause:?}"
+    );
+
+    // A backend name that does not parse converts into a configuration error.
+    let parse = || -> Result<VlmBackend, VlmError> { Ok("lmdepoy".parse::<VlmBackend>()?) };
+    let err = parse().unwrap_err();
+    assert!(err.is_config() && err.to_string().contains("did you mean \"lmdeploy\""));
+}
+
+#[tokio::test]
+async fn clones_share_one_pool_and_one_adopted_model() {
+    let e = Emulator::start(EmulatorConfig::new(VlmBackend::Vllm).with_model("only"))
+        .await
+        .unwrap();
+    let config = vlm_core::ClientConfig::new(VlmBackend::Vllm, &e.base_url()).unwrap();
+    let client = vlm_vllm::VllmClient::new(config).unwrap();
+    let clone = client.clone();
+    assert_eq!(clone.model(), None, "not known yet");
+    assert!(client.health().await.unwrap().is_ready());
+    assert_eq!(
+        clone.model(),
+        Some("only"),
+        "adopted once, seen by every clone"
+    );
+}
+
+#[tokio::test]
+async fn a_callers_own_http_client_is_used_and_zero_timeouts_are_refused() {
+    let e = Emulator::start(EmulatorConfig::new(VlmBackend::LmDeploy))
+        .await
+        .unwrap();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-proxy-tag", "caller".parse().unwrap());
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .no_proxy()
+        .build()
+        .unwrap();
+    let config = vlm_core::ClientConfig::new(VlmBackend::LmDeploy, &e.base_url())
+        .unwrap()
+        .with_model(e.model())
+        .with_http_client(http);
+    let client = vlm_lmdeploy::LmDeployClient::new(config).unwrap();
+    client.infer_single(&ask(png(2))).await.unwrap();
+    assert_eq!(e.chat_requests()[0].header("x-proxy-tag"), Some("caller"));
+
+    let zero = vlm_core::ClientConfig::new(VlmBackend::LmDeploy, &e.base_url())
+        .unwrap()
+        .with_timeout(Duration::ZERO);
+    let err = vlm_lmdeploy::LmDeployClient::new(zero).unwrap_err();
+    assert!(
+        err.is_config() && err.to_string().contains("vlm_timeout"),
+        "{err}"
+    );
+}
