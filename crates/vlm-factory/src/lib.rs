@@ -33,6 +33,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod layers;
 mod settings;
 
 use std::sync::Arc;

@@ -1,4 +1,5 @@
-//! `VlmSettings`: the key registry, the layers, and the per-backend resolution rule.
+//! `VlmSettings`: the key registry, reading each layer (see `layers` for how figment merges
+//! them), and checking each value.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -7,7 +8,9 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Format, Toml};
-use figment::value::{Num, Value};
+use figment::value::{Dict, Num, Value};
+
+use crate::layers::Layers;
 use vlm_core::support::edit_distance;
 use vlm_core::{ApiKey, ClientConfig, Url, VlmBackend, VlmError, normalize_base_url};
 
@@ -184,10 +187,6 @@ impl Raw {
         }
     }
 
-    fn is_empty(&self) -> bool {
-        matches!(self.text().as_deref().map(str::trim), Some(""))
-    }
-
     /// The value as the user wrote it (`nan` stays `nan`, a string is quoted).
     fn shown(&self) -> String {
         match self {
@@ -222,16 +221,26 @@ fn num_f64(n: &Num) -> f64 {
     }
 }
 
-/// One layer of files: a TOML table's `vlm_*` keys.
-#[derive(Debug, Clone)]
-struct FileLayer {
-    path: PathBuf,
-    table: Option<String>,
-    values: BTreeMap<String, Value>,
-}
-
 /// A resolved value and its source.
 type Found = (Raw, Source);
+
+/// A merged value as `resolve` reads it: typed when it came from TOML, text otherwise.
+fn raw(found: crate::layers::Found) -> Found {
+    let value = if found.typed {
+        Raw::Toml(found.value)
+    } else {
+        Raw::Text(found.value.as_str().unwrap_or_default().to_owned())
+    };
+    (value, found.source)
+}
+
+fn plain(layers: &Layers, key: &str) -> Option<Found> {
+    layers.plain(key).map(raw)
+}
+
+fn per_backend(layers: &Layers, field: &str, b: VlmBackend) -> Option<Found> {
+    layers.per_backend(field, b).map(raw)
+}
 
 /// Reads settings from every layer; see [`VlmSettings::loader`].
 #[derive(Clone)]
@@ -344,16 +353,21 @@ impl SettingsLoader {
                 self.tool
             )));
         }
-        let mut files = self.pyproject_layers(&mut warnings)?;
-        if let Some(path) = &self.config_file {
-            files.push(config_layer(path, &mut warnings)?);
+        // Merged by figment in this order, later winning: the pyproject tables, a --config
+        // file, each VLM_* variable, each override.
+        let mut layers = Layers::new();
+        for (table, values) in self.pyproject_tables(&mut warnings)? {
+            layers = layers.file(PathBuf::from("pyproject.toml"), Some(table), values);
         }
-        let env = self.env_layer(&mut warnings);
-        let layers = Layers {
-            overrides: &self.overrides,
-            env,
-            files,
-        };
+        if let Some(path) = &self.config_file {
+            layers = layers.file(path.clone(), None, config_values(path, &mut warnings)?);
+        }
+        for (var, key, value) in self.env_vars(&mut warnings) {
+            layers = layers.env(var, &key, value);
+        }
+        for (key, (value, flag)) in &self.overrides {
+            layers = layers.flag(flag, key, value);
+        }
         for w in &warnings {
             tracing::warn!("{w}");
         }
@@ -362,12 +376,15 @@ impl SettingsLoader {
         Ok(settings)
     }
 
-    fn pyproject_layers(&self, warnings: &mut Vec<String>) -> Result<Vec<FileLayer>, VlmError> {
+    /// The `vlm_*` keys of `[tool.imageworks.vlm]`, then of the tool's own table.
+    fn pyproject_tables(
+        &self,
+        warnings: &mut Vec<String>,
+    ) -> Result<Vec<(String, Dict)>, VlmError> {
         let path = self.cwd.join("pyproject.toml");
         if !path.is_file() {
             return Ok(Vec::new());
         }
-        let shown = PathBuf::from("pyproject.toml");
         let mut tables = vec!["tool.imageworks.vlm".to_owned()];
         let own = format!("tool.imageworks.{}", self.tool);
         if !tables.contains(&own) {
@@ -376,7 +393,7 @@ impl SettingsLoader {
         let root = Figment::from(Toml::file_exact(&path));
         let mut layers = Vec::new();
         for table in tables {
-            let values: BTreeMap<String, Value> = root.focus(&table).extract().map_err(|e| {
+            let values: Dict = root.focus(&table).extract().map_err(|e| {
                 VlmError::config(format!(
                     "cannot read {} [{table}]: {}; fix the TOML or move the file aside",
                     path.display(),
@@ -398,24 +415,21 @@ impl SettingsLoader {
                 }
                 kept.insert(lower, value);
             }
-            layers.push(FileLayer {
-                path: shown.clone(),
-                table: Some(table),
-                values: kept,
-            });
+            layers.push((table, kept));
         }
         Ok(layers)
     }
 
-    fn env_layer(&self, warnings: &mut Vec<String>) -> BTreeMap<String, (String, String)> {
-        let mut out = BTreeMap::new();
+    /// The known `VLM_*` variables as (variable, key, value); unknown ones are warned about.
+    fn env_vars(&self, warnings: &mut Vec<String>) -> Vec<(&str, String, &str)> {
+        let mut out = Vec::new();
         for (var, value) in &self.env {
             let key = var.to_ascii_lowercase();
             if !key.starts_with("vlm_") {
                 continue;
             }
             if known_keys().contains(&key) {
-                out.insert(key, (value.clone(), var.clone()));
+                out.push((var.as_str(), key, value.as_str()));
             } else {
                 warnings.push(unknown_key_message(var, "the environment"));
             }
@@ -455,23 +469,23 @@ fn unknown_key_message(key: &str, place: &str) -> String {
     }
 }
 
-fn config_layer(path: &Path, warnings: &mut Vec<String>) -> Result<FileLayer, VlmError> {
+/// The `vlm_*` keys of a `--config` file (an unknown `vlm_*` key there is an error).
+fn config_values(path: &Path, warnings: &mut Vec<String>) -> Result<Dict, VlmError> {
     if !path.is_file() {
         return Err(VlmError::config(format!(
             "config file {} (--config) does not exist or is not a file; check the path",
             path.display()
         )));
     }
-    let values: BTreeMap<String, Value> =
-        Figment::from(Toml::file_exact(path))
-            .extract()
-            .map_err(|e| {
-                VlmError::config(format!(
-                    "cannot read config file {} (--config): {}",
-                    path.display(),
-                    toml_error(&e)
-                ))
-            })?;
+    let values: Dict = Figment::from(Toml::file_exact(path))
+        .extract()
+        .map_err(|e| {
+            VlmError::config(format!(
+                "cannot read config file {} (--config): {}",
+                path.display(),
+                toml_error(&e)
+            ))
+        })?;
     let mut kept = BTreeMap::new();
     for (key, value) in values {
         let lower = key.to_ascii_lowercase();
@@ -493,71 +507,7 @@ fn config_layer(path: &Path, warnings: &mut Vec<String>) -> Result<FileLayer, Vl
             ));
         }
     }
-    Ok(FileLayer {
-        path: path.to_owned(),
-        table: None,
-        values: kept,
-    })
-}
-
-struct Layers<'a> {
-    /// key → (value, flag)
-    overrides: &'a BTreeMap<String, (String, String)>,
-    /// key → (value, variable name)
-    env: BTreeMap<String, (String, String)>,
-    /// In merge order: later wins.
-    files: Vec<FileLayer>,
-}
-
-impl Layers<'_> {
-    fn in_overrides(&self, key: &str) -> Option<Found> {
-        let (value, flag) = self.overrides.get(key)?;
-        Some((Raw::Text(value.clone()), Source::Cli { flag: flag.clone() }))
-            .filter(|(r, _)| !r.is_empty())
-    }
-
-    fn in_env(&self, key: &str) -> Option<Found> {
-        let (value, var) = self.env.get(key)?;
-        Some((Raw::Text(value.clone()), Source::Env { var: var.clone() }))
-            .filter(|(r, _)| !r.is_empty())
-    }
-
-    fn in_files(&self, key: &str) -> Option<Found> {
-        self.files.iter().rev().find_map(|layer| {
-            let value = layer.values.get(key)?;
-            let raw = Raw::Toml(value.clone());
-            (!raw.is_empty()).then(|| {
-                (
-                    raw,
-                    Source::File {
-                        path: layer.path.clone(),
-                        table: layer.table.clone(),
-                        key: key.to_owned(),
-                    },
-                )
-            })
-        })
-    }
-
-    /// flag > `VLM_X` > merged files.
-    fn plain(&self, key: &str) -> Option<Found> {
-        self.in_overrides(key)
-            .or_else(|| self.in_env(key))
-            .or_else(|| self.in_files(key))
-    }
-
-    /// The six-step rule for `base_url`, `model`, `api_key` of backend `b`; an explicit
-    /// override of the backend's own key (`vlm_lmdeploy_model`) comes before the generic one.
-    fn per_backend(&self, field: &str, b: VlmBackend) -> Option<Found> {
-        let generic = format!("vlm_{field}");
-        let specific = format!("vlm_{b}_{field}");
-        self.in_overrides(&specific)
-            .or_else(|| self.in_overrides(&generic))
-            .or_else(|| self.in_env(&specific))
-            .or_else(|| self.in_env(&generic))
-            .or_else(|| self.in_files(&specific))
-            .or_else(|| self.in_files(&generic))
-    }
+    Ok(kept)
 }
 
 /// The resolved settings: what every client and tool needs, with where each value came from.
@@ -722,10 +672,10 @@ fn number(raw: &Raw) -> Option<f64> {
 /// The longest timeout accepted: 7 days.
 const MAX_SECONDS: f64 = 86_400.0 * 7.0;
 
-fn resolve(layers: &Layers<'_>, tool: String) -> Result<VlmSettings, VlmError> {
+fn resolve(layers: &Layers, tool: String) -> Result<VlmSettings, VlmError> {
     let mut sources: BTreeMap<&'static str, Source> = BTreeMap::new();
 
-    let backend = match layers.plain("vlm_backend") {
+    let backend = match plain(layers, "vlm_backend") {
         Some((raw, source)) => {
             let text = raw
                 .text()
@@ -739,7 +689,7 @@ fn resolve(layers: &Layers<'_>, tool: String) -> Result<VlmSettings, VlmError> {
         None => VlmBackend::default(),
     };
 
-    let base_url = match layers.per_backend("base_url", backend) {
+    let base_url = match per_backend(layers, "base_url", backend) {
         Some((raw, source)) => {
             let text = raw
                 .text()
@@ -753,7 +703,7 @@ fn resolve(layers: &Layers<'_>, tool: String) -> Result<VlmSettings, VlmError> {
         None => normalize_base_url(backend, backend.default_base_url())?,
     };
 
-    let model = match layers.per_backend("model", backend) {
+    let model = match per_backend(layers, "model", backend) {
         Some((raw, source)) => {
             let text = raw
                 .text()
@@ -767,7 +717,7 @@ fn resolve(layers: &Layers<'_>, tool: String) -> Result<VlmSettings, VlmError> {
         }
     };
 
-    let api_key = match layers.per_backend("api_key", backend) {
+    let api_key = match per_backend(layers, "api_key", backend) {
         Some((raw, source)) => {
             // Never echo the key's value in an error.
             let text = raw.text().ok_or_else(|| {
@@ -782,7 +732,7 @@ fn resolve(layers: &Layers<'_>, tool: String) -> Result<VlmSettings, VlmError> {
     };
 
     let mut seconds = |key: &'static str, default: Duration| -> Result<Duration, VlmError> {
-        let Some((raw, source)) = layers.plain(key) else {
+        let Some((raw, source)) = plain(layers, key) else {
             return Ok(default);
         };
         let secs = number(&raw)
@@ -804,7 +754,7 @@ fn resolve(layers: &Layers<'_>, tool: String) -> Result<VlmSettings, VlmError> {
 
     let mut whole =
         |key: &'static str, default: u64, min: u64, max: u64| -> Result<u64, VlmError> {
-            let Some((raw, source)) = layers.plain(key) else {
+            let Some((raw, source)) = plain(layers, key) else {
                 return Ok(default);
             };
             let n = number(&raw)
@@ -834,7 +784,7 @@ fn resolve(layers: &Layers<'_>, tool: String) -> Result<VlmSettings, VlmError> {
         1 << 40,
     )?;
 
-    let retry_timeouts = match layers.plain("vlm_retry_timeouts") {
+    let retry_timeouts = match plain(layers, "vlm_retry_timeouts") {
         Some((raw, source)) => {
             let on = match &raw {
                 Raw::Toml(Value::Bool(_, b)) => Some(*b),
@@ -857,7 +807,7 @@ fn resolve(layers: &Layers<'_>, tool: String) -> Result<VlmSettings, VlmError> {
         None => false,
     };
 
-    let temperature = match layers.plain("vlm_temperature") {
+    let temperature = match plain(layers, "vlm_temperature") {
         Some((raw, source)) => {
             let t = number(&raw)
                 .filter(|t| t.is_finite() && *t >= 0.0)
