@@ -131,10 +131,7 @@ async fn load(args: &[String]) -> Result<(), String> {
                 data: image.clone(),
                 mime,
             }],
-            PayloadOptions {
-                model: Some("fast"),
-                stream: false,
-            },
+            PayloadOptions::new(Some("fast")),
         )
         .map_err(|e| e.to_string())?,
     );
@@ -242,15 +239,8 @@ fn payload_memory(args: &[String]) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let before = LIVE.load(Ordering::Relaxed);
     PEAK.store(before, Ordering::Relaxed);
-    let body = build_chat_body(
-        &request,
-        &loaded,
-        PayloadOptions {
-            model: Some("fast"),
-            stream: false,
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let body = build_chat_body(&request, &loaded, PayloadOptions::new(Some("fast")))
+        .map_err(|e| e.to_string())?;
     let extra = PEAK.load(Ordering::Relaxed) - before;
     println!(
         "{}",

@@ -51,10 +51,7 @@ fn payload(c: &mut Criterion) {
                     build_chat_body(
                         black_box(&request),
                         black_box(loaded),
-                        PayloadOptions {
-                            model: Some("m"),
-                            stream: false,
-                        },
+                        PayloadOptions::new(Some("m")),
                     )
                 })
             },

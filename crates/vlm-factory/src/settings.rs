@@ -17,6 +17,7 @@ use vlm_core::{ApiKey, ClientConfig, Url, VlmBackend, VlmError, normalize_base_u
 /// One configuration key: its name, default and meaning. Every `vlm_x` key is also read from
 /// the environment variable `VLM_X`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct KeySpec {
     /// The key as written in TOML, e.g. `vlm_timeout`.
     pub key: &'static str,

@@ -7,13 +7,36 @@ use crate::image::{LoadedImage, engine};
 use crate::request::VlmRequest;
 
 /// Options of the payload that depend on the backend, not the request.
+///
+/// ```
+/// use vlm_core::openai::PayloadOptions;
+/// let options = PayloadOptions::new(Some("Qwen2-VL")).streaming(true);
+/// assert!(options.stream && options.model == Some("Qwen2-VL"));
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
 pub struct PayloadOptions<'a> {
     /// The `model` field; omitted when `None` (vLLM then uses its first served model).
     pub model: Option<&'a str>,
     /// Sets `"stream": true` and `stream_options.include_usage`; `stream_options` is never
     /// sent otherwise (vLLM answers 400 to `stream_options` without `stream`).
     pub stream: bool,
+}
+
+impl<'a> PayloadOptions<'a> {
+    /// A body for `model` (none: the server's own), not streamed.
+    pub fn new(model: Option<&'a str>) -> Self {
+        PayloadOptions {
+            model,
+            stream: false,
+        }
+    }
+
+    /// Asks for a streamed answer.
+    pub fn streaming(mut self, stream: bool) -> Self {
+        self.stream = stream;
+        self
+    }
 }
 
 /// Writes the chat-completions JSON body for `request` with its `images` already loaded.
@@ -29,8 +52,7 @@ pub struct PayloadOptions<'a> {
 ///
 /// let request = VlmRequest::builder("What colour is it?").max_tokens(50).build().unwrap();
 /// let image = LoadedImage::Inline { data: b"GIF89a".to_vec().into(), mime: ImageMime::Gif };
-/// let body = build_chat_body(&request, &[image], PayloadOptions { model: Some("m"), stream: false })
-///     .unwrap();
+/// let body = build_chat_body(&request, &[image], PayloadOptions::new(Some("m"))).unwrap();
 /// let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
 /// assert_eq!(json["messages"][0]["content"][1]["image_url"]["url"], "data:image/gif;base64,R0lGODlh");
 /// ```
