@@ -13,8 +13,10 @@
 //! - [`text`]: how text a server chose is cleaned before it is shown (key redacted, control
 //!   characters escaped, length capped).
 //!
-//! The modules import each other in one direction: `backend` ← `error` ← `config`, `text`,
-//! `image`, `request`, `response`, `health` ← `transport`, `stream` ← `client` ← `openai`.
+//! The modules import each other in one direction, each only from those before it: `backend`,
+//! `key`, `retry`; `error` (backend); `text` (key); `config`, `image`, `request`, `response`,
+//! `health`, `error_body`, `models`; `transport` (HTTP only, nothing OpenAI); `stream`;
+//! `client` (the trait); `openai` (payload, parsing, the OpenAI-compatible client).
 //!
 //! ```
 //! use vlm_core::{ImageInput, VlmBackend, VlmRequest};

@@ -4,8 +4,8 @@
 //! (`pyproject.toml [tool.imageworks.vlm]`, then the tool's own table, then `--config`), one
 //! `VLM_*` environment variable, one override from the command line. figment merges them in that
 //! order, later winning, and its [`Metadata`] says which provider a value came from; that is
-//! turned back into a [`Source`] for `vlm config`. The per-backend rule is [`Layers::pick`] on
-//! top: of `vlm_x` and `vlm_<backend>_x`, the value from the later layer wins, and within one
+//! turned back into a [`Source`] for `vlm config`. The per-backend rule is
+//! [`Layers::per_backend`] on top: of `vlm_x` and `vlm_<backend>_x`, the value from the later layer wins, and within one
 //! layer the backend's own key does.
 
 use std::collections::HashMap;
