@@ -4,7 +4,7 @@
 //!   rustdoc with `-D warnings`, the feature matrix, then `cargo deny` (licences, bans, sources)
 //!   when cargo-deny is installed. This is the README's test command and what `.ci/run` runs.
 //! - `matrix`: `vlm-factory` and `vlm-cli` tested with each backend feature alone, with all, and
-//!   with none: five explicit combinations, not a powerset. Then `cargo tree` checks that a
+//!   with none: seven explicit combinations, not a powerset. Then `cargo tree` checks that a
 //!   `vlm` built without the `emulate` feature has no emulator, HTTP server or image decoder.
 //! - `publish-check`: every publishable crate packages and verifies on its own.
 //! - `bench [--quick]`: payload, end-to-end and memory benchmarks, written to
@@ -18,8 +18,9 @@ mod samples;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
-/// The feature combinations of the matrix: five explicit ones, not a powerset.
-const MATRIX: [(&str, &[&str]); 5] = [
+/// The feature combinations of the matrix: each backend alone, all, and none (seven explicit
+/// ones, not a powerset).
+const MATRIX: [(&str, &[&str]); 7] = [
     ("none", &["--no-default-features"]),
     ("vllm", &["--no-default-features", "--features", "vllm"]),
     (
@@ -27,6 +28,8 @@ const MATRIX: [(&str, &[&str]); 5] = [
         &["--no-default-features", "--features", "lmdeploy"],
     ),
     ("triton", &["--no-default-features", "--features", "triton"]),
+    ("ollama", &["--no-default-features", "--features", "ollama"]),
+    ("openai", &["--no-default-features", "--features", "openai"]),
     ("all", &["--features", "all"]),
 ];
 
@@ -238,11 +241,13 @@ fn deny() -> Result<(), String> {
 const DENY_VERSION: &str = "0.20.2";
 
 /// The publishable crates in dependency order.
-const PUBLISHED: [&str; 7] = [
+const PUBLISHED: [&str; 9] = [
     "vlm-core",
     "vlm-vllm",
     "vlm-lmdeploy",
     "vlm-triton",
+    "vlm-ollama",
+    "vlm-openai",
     "vlm-testkit",
     "vlm-factory",
     "vlm-cli",

@@ -27,7 +27,7 @@ pub struct BackendsArgs {
 /// `vlm emulate` arguments (the same as `vlm-emulator`).
 #[derive(Debug, Args)]
 pub struct EmulateArgs {
-    /// The server to emulate: vllm, lmdeploy or triton
+    /// The server to emulate: vllm, lmdeploy, triton, ollama or openai
     #[arg(long, value_name = "BACKEND")]
     backend: String,
     /// Port on 127.0.0.1 (0: any free port)
@@ -46,10 +46,21 @@ pub struct EmulateArgs {
 
 /// `vlm health`: prints the report; exit 0 when ready, 3 otherwise.
 pub async fn health(global: &GlobalOpts, args: HealthArgs) -> Result<Exit, Failure> {
-    let settings = global.load_settings(&[])?;
+    let (settings, detected) = global.load_resolved(&[]).await?;
     let client = build_client(&settings)?;
     let report = crate::check_health(&*client, args.wait).await?;
-    crate::outln!("{}", report.to_string().trim_end());
+    let text = report.to_string();
+    let mut lines = text.trim_end().lines();
+    // `backend: <name>` first, then how `auto` found it.
+    if let Some(first) = lines.next() {
+        crate::outln!("{first}");
+    }
+    if let Some(found) = &detected {
+        crate::outln!("detected: {found}");
+    }
+    for line in lines {
+        crate::outln!("{line}");
+    }
     if report.is_ready() {
         tracing::info!(
             "🤖 VLM: {}/{}",
@@ -84,7 +95,24 @@ pub async fn backends(global: &GlobalOpts, args: BackendsArgs) -> Result<Exit, F
         )];
         let mut scoped = global.clone();
         scoped.vlm_backend = None;
-        let settings = scoped.load_settings(&flags)?;
+        let settings = match scoped.load_settings(&flags) {
+            Ok(settings) => settings,
+            // `openai` with no URL anywhere: nothing to show or check.
+            Err(_) if backend.default_base_url().is_none() => {
+                let line = format!(
+                    "{:<9} {:<9} {:<28} {:<34} {:<28}{}",
+                    backend.as_str(),
+                    if is_compiled(backend) { "yes" } else { "no" },
+                    "(none: configure one)",
+                    "-",
+                    "-",
+                    if args.check { " -" } else { "" }
+                );
+                crate::outln!("{}", line.trim_end());
+                continue;
+            }
+            Err(failure) => return Err(failure),
+        };
         let configured = settings.source("vlm_base_url").is_some();
         let url = if configured {
             settings.base_url.to_string()
@@ -92,12 +120,18 @@ pub async fn backends(global: &GlobalOpts, args: BackendsArgs) -> Result<Exit, F
             "-".to_owned()
         };
         let model = settings.model.clone().unwrap_or_else(|| "-".to_owned());
-        let mark = if backend == chosen.backend { "*" } else { " " };
+        let mark = if backend == chosen.backend && !chosen.is_auto() {
+            "*"
+        } else {
+            " "
+        };
         let mut line = format!(
             "{:<9} {:<9} {:<28} {:<34} {:<28}",
             format!("{backend}{mark}"),
             if is_compiled(backend) { "yes" } else { "no" },
-            backend.default_base_url(),
+            backend
+                .default_base_url()
+                .unwrap_or("(none: configure one)"),
             url,
             model
         );
@@ -120,7 +154,20 @@ pub async fn backends(global: &GlobalOpts, args: BackendsArgs) -> Result<Exit, F
         }
         crate::outln!("{}", line.trim_end());
     }
-    crate::outln!("(* the backend chosen by the current configuration)");
+    if chosen.is_auto() {
+        let said = if args.check {
+            match vlm_factory::resolve_backend(chosen).await {
+                Ok((_, Some(found))) => format!("detected: {found}"),
+                Ok((_, None)) => "nothing detected".to_owned(),
+                Err(e) => format!("detection failed: {e}"),
+            }
+        } else {
+            "the backend is detected when a command runs (--check detects it now)".to_owned()
+        };
+        crate::outln!("(vlm_backend = auto: {said})");
+    } else {
+        crate::outln!("(* the backend chosen by the current configuration)");
+    }
     Ok(Exit::Ok)
 }
 

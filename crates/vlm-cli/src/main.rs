@@ -1,5 +1,5 @@
-//! `vlm`: narrate images through any vision-language model server — vLLM, LMDeploy or Triton —
-//! chosen by configuration or `--vlm-backend`.
+//! `vlm`: narrate images through any vision-language model server — vLLM, LMDeploy, Triton,
+//! Ollama or any OpenAI-compatible one — chosen by configuration or `--vlm-backend`.
 
 mod commands;
 mod emulate;
@@ -85,7 +85,8 @@ const EXIT_CODES: &str = "Exit codes:
        written are whole lines, and --resume finishes the job once the cause is fixed
   130  interrupted (Ctrl-C)";
 
-/// Narrate images through vLLM, LMDeploy or Triton — one interface, chosen by configuration.
+/// Narrate images through vLLM, LMDeploy, Triton, Ollama or any OpenAI-compatible server — one
+/// interface, chosen by configuration.
 ///
 /// Settings come from, later winning: defaults, pyproject.toml ([tool.imageworks.vlm], then
 /// [tool.imageworks.TOOL]), --config FILE, VLM_* environment variables, then these flags.
@@ -153,7 +154,8 @@ macro_rules! outln {
 /// Options every subcommand takes.
 #[derive(Debug, Clone, Args)]
 pub struct GlobalOpts {
-    /// Backend: vllm (default), lmdeploy or triton [setting: vlm_backend]
+    /// Backend: vllm (default), lmdeploy, triton, ollama, openai (any OpenAI-compatible server),
+    /// or auto (probe --vlm-base-url and pick) [setting: vlm_backend]
     #[arg(long, global = true, value_name = "BACKEND")]
     pub vlm_backend: Option<String>,
     /// Base URL of the server, e.g. http://localhost:8000/v1 [setting: vlm_base_url]
@@ -206,11 +208,22 @@ enum Command {
     Backends(commands::BackendsArgs),
     /// Print the resolved settings and where each came from (API keys as ***)
     Config,
-    /// Serve a local emulator of vLLM, LMDeploy or Triton until killed
+    /// Serve a local emulator of vLLM, LMDeploy, Triton, Ollama or an OpenAI-compatible server
+    /// until killed
     Emulate(commands::EmulateArgs),
 }
 
 impl GlobalOpts {
+    /// Loads the settings, and for `vlm_backend = "auto"` detects the backend (logging what was
+    /// found), so that the settings name a backend.
+    pub async fn load_resolved(
+        &self,
+        extra: &[(&str, Option<String>, &str)],
+    ) -> Result<(VlmSettings, Option<vlm_core::Detection>), Failure> {
+        let settings = self.load_settings(extra)?;
+        Ok(vlm_factory::resolve_backend(settings).await?)
+    }
+
     /// Loads the settings from every layer, with these flags (and `extra` ones) on top.
     pub fn load_settings(
         &self,

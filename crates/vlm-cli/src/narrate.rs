@@ -337,10 +337,16 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
 
     // The emulator lives as long as this run.
     let _emulator = if args.emulate {
-        let emulator = crate::emulate::start(settings.backend, settings.model.clone()).await?;
+        // With `auto`, the default backend is emulated (and then detected).
+        let backend = if settings.is_auto() {
+            VlmBackend::default()
+        } else {
+            settings.backend
+        };
+        let emulator = crate::emulate::start(backend, settings.model.clone()).await?;
         tracing::warn!(
             "--emulate: talking to the built-in {} emulator at {}; its answers are computed from each image (size, mean colour, cast, sha256), not by a vision-language model",
-            settings.backend,
+            backend,
             crate::emulate::base_url(&emulator)
         );
         settings = global.load_settings(&extra(Some(&emulator)))?;
@@ -348,6 +354,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     } else {
         None
     };
+    let (settings, _detected) = vlm_factory::resolve_backend(settings).await?;
 
     if let Some(path) = &args.output {
         crate::output::refuse_existing(path, args.resume, args.overwrite)?;

@@ -27,13 +27,23 @@ pub enum VlmBackend {
     LmDeploy,
     /// Triton Inference Server (KServe v2 protocol), e.g. with TensorRT-LLM.
     Triton,
+    /// Ollama (`ollama serve`), through its OpenAI-compatible API.
+    Ollama,
+    /// Any other server that speaks OpenAI chat completions: SGLang, llama.cpp's
+    /// `llama-server`, `trtllm-serve`, LM Studio, a gateway. It has no default URL.
+    OpenAi,
 }
 
 impl VlmBackend {
     /// Every backend, in the order they are documented. A slice, so that adding a backend does
     /// not change a public type.
-    pub const ALL: &'static [VlmBackend] =
-        &[VlmBackend::Vllm, VlmBackend::LmDeploy, VlmBackend::Triton];
+    pub const ALL: &'static [VlmBackend] = &[
+        VlmBackend::Vllm,
+        VlmBackend::LmDeploy,
+        VlmBackend::Triton,
+        VlmBackend::Ollama,
+        VlmBackend::OpenAi,
+    ];
 
     /// The name used in configuration (`vllm`, `lmdeploy`, `triton`).
     pub const fn as_str(self) -> &'static str {
@@ -41,6 +51,8 @@ impl VlmBackend {
             VlmBackend::Vllm => "vllm",
             VlmBackend::LmDeploy => "lmdeploy",
             VlmBackend::Triton => "triton",
+            VlmBackend::Ollama => "ollama",
+            VlmBackend::OpenAi => "openai",
         }
     }
 
@@ -49,18 +61,21 @@ impl VlmBackend {
         self.as_str()
     }
 
-    /// The URL the server listens on when started with its defaults.
-    pub const fn default_base_url(self) -> &'static str {
+    /// The URL the server listens on when started with its defaults; `None` for
+    /// [`OpenAi`](Self::OpenAi), which has no standard port (its URL must be configured).
+    pub const fn default_base_url(self) -> Option<&'static str> {
         match self {
-            VlmBackend::Vllm => "http://localhost:8000/v1",
-            VlmBackend::LmDeploy => "http://localhost:23333/v1",
-            VlmBackend::Triton => "http://localhost:8000",
+            VlmBackend::Vllm => Some("http://localhost:8000/v1"),
+            VlmBackend::LmDeploy => Some("http://localhost:23333/v1"),
+            VlmBackend::Triton => Some("http://localhost:8000"),
+            VlmBackend::Ollama => Some("http://localhost:11434/v1"),
+            VlmBackend::OpenAi => None,
         }
     }
 
     /// Whether the backend speaks OpenAI chat completions under a `/v1` base URL.
     pub const fn is_openai_compatible(self) -> bool {
-        matches!(self, VlmBackend::Vllm | VlmBackend::LmDeploy)
+        !matches!(self, VlmBackend::Triton)
     }
 
     /// The command that starts this server on `port`, for error messages and docs.
@@ -73,6 +88,14 @@ impl VlmBackend {
             VlmBackend::Triton => {
                 format!("tritonserver --model-repository <dir> --http-port {port}")
             }
+            VlmBackend::Ollama => {
+                format!("OLLAMA_HOST=0.0.0.0:{port} ollama serve` then `ollama pull <model>")
+            }
+            VlmBackend::OpenAi => format!(
+                "python -m sglang.launch_server --model-path <model> --port {port}` (or \
+                 `llama-server -m <model.gguf> --mmproj <mmproj.gguf> --port {port}`, or \
+                 `trtllm-serve <model> --port {port}`"
+            ),
         }
     }
 
@@ -164,6 +187,8 @@ impl FromStr for VlmBackend {
             "triton" | "tritonserver" | "trtllm" | "tensorrt-llm" | "tensorrt_llm" => {
                 Ok(VlmBackend::Triton)
             }
+            "ollama" => Ok(VlmBackend::Ollama),
+            "openai" | "openai-compatible" | "openai_compatible" => Ok(VlmBackend::OpenAi),
             _ => Err(ParseBackendError {
                 value: s.to_owned(),
             }),
@@ -205,6 +230,9 @@ mod tests {
             ("lm-deploy", VlmBackend::LmDeploy),
             ("triton", VlmBackend::Triton),
             ("TensorRT-LLM", VlmBackend::Triton),
+            ("Ollama", VlmBackend::Ollama),
+            ("openai", VlmBackend::OpenAi),
+            ("openai-compatible", VlmBackend::OpenAi),
         ];
         for (input, want) in cases {
             assert_eq!(
@@ -228,13 +256,17 @@ mod tests {
             ("lmdepoy", Some("lmdeploy")),
             ("vlm", Some("vllm")),
             ("triten", Some("triton")),
-            ("ollama", None),
+            ("olama", Some("ollama")),
+            ("sglang", None),
             ("", None),
         ];
         for (input, suggestion) in cases {
             let msg = input.parse::<VlmBackend>().unwrap_err().to_string();
             assert!(msg.contains(&format!("{input:?}")), "{msg}");
-            assert!(msg.contains("vllm, lmdeploy, triton"), "{msg}");
+            assert!(
+                msg.contains("vllm, lmdeploy, triton, ollama, openai"),
+                "{msg}"
+            );
             match suggestion {
                 Some(s) => assert!(msg.contains(&format!("did you mean \"{s}\"")), "{msg}"),
                 None => assert!(!msg.contains("did you mean"), "{msg}"),

@@ -9,6 +9,7 @@ use url::Url;
 use crate::backend::VlmBackend;
 use crate::error::VlmError;
 use crate::health::{HealthReport, HealthState};
+use crate::image::ImageMime;
 use crate::request::VlmRequest;
 use crate::response::VlmResponse;
 use crate::stream::VlmStream;
@@ -47,6 +48,14 @@ pub trait VlmClient: Send + Sync + fmt::Debug {
 
     /// The base URL (`http://host:port/v1` for OpenAI-compatible servers, the root for Triton).
     fn base_url(&self) -> &Url;
+
+    /// Whether this server takes images of this type; `Err` says why not and what to do (Ollama
+    /// takes no GIF). Every type by default. Requests with such an image fail with
+    /// [`VlmError::Image`] before anything is sent; callers can ask first.
+    fn check_image_type(&self, mime: ImageMime) -> Result<(), String> {
+        let _ = mime;
+        Ok(())
+    }
 
     /// Checks the server and says why it is or is not ready.
     ///

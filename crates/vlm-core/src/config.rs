@@ -123,9 +123,12 @@ impl ClientConfig {
         Ok(())
     }
 
-    /// The backend's default URL.
+    /// The backend's default URL; a configuration error for a backend with none (`openai`).
     pub fn default_for(backend: VlmBackend) -> Result<Self, VlmError> {
-        Self::new(backend, backend.default_base_url())
+        let url = backend
+            .default_base_url()
+            .ok_or_else(|| no_default_url(backend))?;
+        Self::new(backend, url)
     }
 
     /// Sets the model (an empty name means "discover it").
@@ -196,6 +199,15 @@ fn shown_url(url: &str) -> String {
     masked + &hidden_tail
 }
 
+/// The error for a backend with no default URL (`openai`) and none configured.
+pub fn no_default_url(backend: VlmBackend) -> VlmError {
+    VlmError::config(format!(
+        "the {backend} backend has no default URL: set it with --vlm-base-url, VLM_BASE_URL or \
+         vlm_{backend}_base_url (e.g. http://gpu-box:30000/v1 for SGLang, http://gpu-box:8080/v1 \
+         for llama-server)"
+    ))
+}
+
 /// Normalises a base URL once, so joining paths is never surprising.
 ///
 /// OpenAI-compatible backends get `/v1` when the path is empty and always a trailing `/`
@@ -219,10 +231,12 @@ pub fn normalize_base_url(backend: VlmBackend, input: &str) -> Result<Url, VlmEr
     let trimmed = input.trim();
     // Never echo credentials: `http://user:secret@host` is shown as `http://***@host`.
     let shown = shown_url(trimmed);
+    let example = backend
+        .default_base_url()
+        .unwrap_or("http://gpu-box:30000/v1");
     let bad = |why: &str| {
         VlmError::config(format!(
-            "invalid base URL {shown:?} for {backend}: {why}; use a URL such as {}",
-            backend.default_base_url()
+            "invalid base URL {shown:?} for {backend}: {why}; use a URL such as {example}"
         ))
     };
     if trimmed.is_empty() {

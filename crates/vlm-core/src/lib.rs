@@ -22,7 +22,7 @@
 //! use vlm_core::{ImageInput, VlmBackend, VlmRequest};
 //!
 //! let backend: VlmBackend = "lmdeploy".parse().unwrap();
-//! assert_eq!(backend.default_base_url(), "http://localhost:23333/v1");
+//! assert_eq!(backend.default_base_url(), Some("http://localhost:23333/v1"));
 //!
 //! let request = VlmRequest::builder("Is there a colour cast in this photograph?")
 //!     .image(ImageInput::path("photo.jpg"))
@@ -39,6 +39,7 @@ mod backend;
 pub mod batch;
 mod client;
 mod config;
+mod detect;
 mod error;
 mod error_body;
 mod health;
@@ -57,7 +58,8 @@ mod transport;
 
 pub use backend::{ParseBackendError, VlmBackend};
 pub use client::VlmClient;
-pub use config::{ClientConfig, normalize_base_url, server_root};
+pub use config::{ClientConfig, no_default_url, normalize_base_url, server_root};
+pub use detect::{Detection, detect_backend};
 pub use error::{BoxError, VlmError};
 pub use health::{HealthProbe, HealthReport, HealthState};
 pub use image::{ImageInput, ImageMime, LoadedImage, describe_non_image, encode_data_url};

@@ -50,25 +50,61 @@ impl ModelSlot {
     }
 }
 
+/// How a server names its models: when a configured name means a served one, and what to do
+/// when it is not served. The default is exact names and the usual advice.
+pub trait ModelNames: Send + Sync {
+    /// Whether the configured `model` names the served `served` (Ollama: `qwen2.5vl` is
+    /// `qwen2.5vl:latest`).
+    fn same_model(&self, configured: &str, served: &str) -> bool {
+        configured == served
+    }
+
+    /// What to do when `model` is not served, when there is more to say than choosing one of the
+    /// served models (Ollama: `ollama pull <model>`).
+    fn not_served_advice(&self, model: &str) -> Option<String> {
+        let _ = model;
+        None
+    }
+}
+
+/// Exact model names (vLLM, LMDeploy, Triton, most servers).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExactNames;
+
+impl ModelNames for ExactNames {}
+
 /// Sets the report's model and state from its served models and the configured model.
-pub fn resolve_model(report: &mut HealthReport, slot: &ModelSlot) -> Result<(), VlmError> {
+pub fn resolve_model(
+    report: &mut HealthReport,
+    slot: &ModelSlot,
+    names: &dyn ModelNames,
+) -> Result<(), VlmError> {
     let served = &report.served_models;
     match slot.configured() {
         Some(model) => {
             report.model = Some(model.to_owned());
-            if served.iter().any(|m| m == model) {
+            let advice = names.not_served_advice(model);
+            if served.iter().any(|m| names.same_model(model, m)) {
                 report.state = HealthState::Ready;
             } else if served.is_empty() {
                 report.state = HealthState::Unhealthy {
-                    reason: format!("the server serves no model, so not {model:?}"),
+                    reason: match advice {
+                        Some(advice) => {
+                            format!("the server has no model, so not {model:?}; {advice}")
+                        }
+                        None => format!("the server serves no model, so not {model:?}"),
+                    },
                 };
             } else {
+                let choose = format!(
+                    "set --vlm-model (vlm_model / vlm_{}_model) to one of them",
+                    report.backend
+                );
                 report.state = HealthState::Unhealthy {
                     reason: format!(
-                        "model {model:?} is not served; the server serves {}; set --vlm-model \
-                         (vlm_model / vlm_{}_model) to one of them",
+                        "model {model:?} is not served; the server serves {}; {}",
                         shown_models(served),
-                        report.backend
+                        advice.map_or(choose.clone(), |a| format!("{a}, or {choose}"))
                     ),
                 };
             }

@@ -7,7 +7,7 @@
 pub use crate::backend::edit_distance;
 pub use crate::error_body::{DecodedError, decode_error_body, json_string_field};
 pub use crate::health::{err_note, state_for_error};
-pub use crate::models::{ModelSlot, resolve_model};
+pub use crate::models::{ExactNames, ModelNames, ModelSlot, resolve_model};
 pub use crate::retry::{RetryPolicy, parse_retry_after, retryable_status};
 pub use crate::stream::{StreamContext, parse_sse_data, sse_events};
 pub use crate::transport::{Auth, Budget, MAX_RESPONSE_BYTES, RawResponse, Transport};

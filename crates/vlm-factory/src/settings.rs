@@ -142,6 +142,11 @@ pub enum Source {
         /// The flag, e.g. `--vlm-backend`.
         flag: String,
     },
+    /// Detected by probing the server (`vlm_backend = "auto"`).
+    Detected {
+        /// What was found, e.g. `ollama from GET / ("Ollama is running")`.
+        from: String,
+    },
 }
 
 impl fmt::Display for Source {
@@ -163,6 +168,7 @@ impl fmt::Display for Source {
             } => write!(f, "{} {key}", path.display()),
             Source::Env { var } => f.write_str(var),
             Source::Cli { flag } => f.write_str(flag),
+            Source::Detected { from } => write!(f, "auto: {from}"),
         }
     }
 }
@@ -252,6 +258,8 @@ pub struct SettingsLoader {
     env: BTreeMap<String, String>,
     config_file: Option<PathBuf>,
     overrides: BTreeMap<String, (String, String)>,
+    /// The backend `auto` detected, and what it was detected from.
+    detected: Option<(VlmBackend, String)>,
 }
 
 impl std::fmt::Debug for SettingsLoader {
@@ -372,7 +380,10 @@ impl SettingsLoader {
         for w in &warnings {
             tracing::warn!("{w}");
         }
-        let mut settings = resolve(&layers, self.tool)?;
+        let (mut settings, auto) = resolve(&layers, self.tool.clone(), self.detected.as_ref())?;
+        if auto {
+            settings.auto = Some(Box::new(self.clone()));
+        }
         settings.warnings = warnings;
         Ok(settings)
     }
@@ -567,6 +578,8 @@ pub struct VlmSettings {
     pub max_image_bytes: u64,
     sources: BTreeMap<&'static str, Source>,
     warnings: Vec<String>,
+    /// For `vlm_backend = "auto"`: the loader to run again once the backend is detected.
+    auto: Option<Box<SettingsLoader>>,
 }
 
 impl VlmSettings {
@@ -579,12 +592,31 @@ impl VlmSettings {
             env: BTreeMap::new(),
             config_file: None,
             overrides: BTreeMap::new(),
+            detected: None,
         }
     }
 
     /// Where the resolved value of a generic key (`vlm_base_url`, `vlm_timeout`, ...) came from.
     pub fn source(&self, key: &str) -> Option<&Source> {
         self.sources.get(key)
+    }
+
+    /// Whether the backend is still to be detected (`vlm_backend = "auto"`): then
+    /// [`resolve_backend`](crate::resolve_backend) probes the server before a client is built.
+    /// Until then `backend` is a placeholder.
+    pub fn is_auto(&self) -> bool {
+        self.auto.is_some()
+    }
+
+    /// For `auto`: the settings as if `backend` had been named, with where it was found.
+    pub(crate) fn redo_detected(
+        &self,
+        backend: VlmBackend,
+        from: String,
+    ) -> Option<Result<VlmSettings, VlmError>> {
+        let mut loader = (**self.auto.as_ref()?).clone();
+        loader.detected = Some((backend, from));
+        Some(loader.load())
     }
 
     /// Warnings found while loading (unknown keys), also logged at warn.
@@ -617,7 +649,14 @@ impl VlmSettings {
             "(none)"
         };
         vec![
-            row("vlm_backend", self.backend.to_string()),
+            row(
+                "vlm_backend",
+                if self.is_auto() {
+                    "auto".to_owned()
+                } else {
+                    self.backend.to_string()
+                },
+            ),
             row("vlm_base_url", self.base_url.to_string()),
             row(
                 "vlm_model",
@@ -673,24 +712,68 @@ fn number(raw: &Raw) -> Option<f64> {
 /// The longest timeout accepted: 7 days.
 const MAX_SECONDS: f64 = 86_400.0 * 7.0;
 
-fn resolve(layers: &Layers, tool: String) -> Result<VlmSettings, VlmError> {
+/// The backend chosen: named, detected, or still to be detected (`auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Choice {
+    Named(VlmBackend),
+    Auto,
+}
+
+fn choose_backend(
+    layers: &Layers,
+    detected: Option<&(VlmBackend, String)>,
+    sources: &mut BTreeMap<&'static str, Source>,
+) -> Result<Choice, VlmError> {
+    if let Some((backend, from)) = detected {
+        sources.insert("vlm_backend", Source::Detected { from: from.clone() });
+        return Ok(Choice::Named(*backend));
+    }
+    let Some((raw, source)) = plain(layers, "vlm_backend") else {
+        return Ok(Choice::Named(VlmBackend::default()));
+    };
+    let text = raw
+        .text()
+        .ok_or_else(|| invalid("vlm_backend", &raw, &source, "a string"))?;
+    let choice = if text.trim().eq_ignore_ascii_case("auto") {
+        Choice::Auto
+    } else {
+        let backend = text.parse::<VlmBackend>().map_err(|_| {
+            VlmError::config(format!(
+                "{} (or \"auto\" to detect it)",
+                VlmError::unknown_backend(&text, Some(&source.to_string()))
+            ))
+        })?;
+        Choice::Named(backend)
+    };
+    sources.insert("vlm_backend", source);
+    Ok(choice)
+}
+
+/// `vlm_x`, or for a named backend B the six-step rule over `vlm_B_x` and `vlm_x`. While the
+/// backend is still to be detected only the generic key counts.
+fn for_backend(layers: &Layers, field: &str, choice: Choice) -> Option<Found> {
+    match choice {
+        Choice::Named(b) => per_backend(layers, field, b),
+        Choice::Auto => plain(layers, &format!("vlm_{field}")),
+    }
+}
+
+/// The settings, and whether the backend is still to be detected (`auto`).
+fn resolve(
+    layers: &Layers,
+    tool: String,
+    detected: Option<&(VlmBackend, String)>,
+) -> Result<(VlmSettings, bool), VlmError> {
     let mut sources: BTreeMap<&'static str, Source> = BTreeMap::new();
 
-    let backend = match plain(layers, "vlm_backend") {
-        Some((raw, source)) => {
-            let text = raw
-                .text()
-                .ok_or_else(|| invalid("vlm_backend", &raw, &source, "a string"))?;
-            let backend = text
-                .parse::<VlmBackend>()
-                .map_err(|_| VlmError::unknown_backend(&text, Some(&source.to_string())))?;
-            sources.insert("vlm_backend", source);
-            backend
-        }
-        None => VlmBackend::default(),
+    let choice = choose_backend(layers, detected, &mut sources)?;
+    // While `auto` waits for detection, the generic URL is read as any OpenAI-style one.
+    let backend = match choice {
+        Choice::Named(b) => b,
+        Choice::Auto => VlmBackend::OpenAi,
     };
 
-    let base_url = match per_backend(layers, "base_url", backend) {
+    let base_url = match for_backend(layers, "base_url", choice) {
         Some((raw, source)) => {
             let text = raw
                 .text()
@@ -701,10 +784,19 @@ fn resolve(layers: &Layers, tool: String) -> Result<VlmSettings, VlmError> {
             sources.insert("vlm_base_url", source);
             url
         }
-        None => normalize_base_url(backend, backend.default_base_url())?,
+        None if choice == Choice::Auto => {
+            return Err(VlmError::config(
+                "vlm_backend = \"auto\" needs the URL to probe: set --vlm-base-url, VLM_BASE_URL \
+                 or vlm_base_url (e.g. http://gpu-box:8000/v1)",
+            ));
+        }
+        None => match backend.default_base_url() {
+            Some(url) => normalize_base_url(backend, url)?,
+            None => return Err(vlm_core::no_default_url(backend)),
+        },
     };
 
-    let model = match per_backend(layers, "model", backend) {
+    let model = match for_backend(layers, "model", choice) {
         Some((raw, source)) => {
             let text = raw
                 .text()
@@ -718,7 +810,7 @@ fn resolve(layers: &Layers, tool: String) -> Result<VlmSettings, VlmError> {
         }
     };
 
-    let api_key = match per_backend(layers, "api_key", backend) {
+    let api_key = match for_backend(layers, "api_key", choice) {
         Some((raw, source)) => {
             // Never echo the key's value in an error.
             let text = raw.text().ok_or_else(|| {
@@ -821,7 +913,7 @@ fn resolve(layers: &Layers, tool: String) -> Result<VlmSettings, VlmError> {
         None => 0.1,
     };
 
-    Ok(VlmSettings {
+    let settings = VlmSettings {
         tool,
         backend,
         base_url,
@@ -837,5 +929,7 @@ fn resolve(layers: &Layers, tool: String) -> Result<VlmSettings, VlmError> {
         max_image_bytes,
         sources,
         warnings: Vec::new(),
-    })
+        auto: None,
+    };
+    Ok((settings, choice == Choice::Auto))
 }

@@ -35,6 +35,8 @@ fn each_backend_maps_to_its_client_or_names_the_feature_to_enable() {
     let expected_type = |b: VlmBackend| match b {
         VlmBackend::Vllm => "OpenAiCompatible { server: Vllm",
         VlmBackend::LmDeploy => "OpenAiCompatible { server: LmDeploy",
+        VlmBackend::Ollama => "OpenAiCompatible { server: Ollama",
+        VlmBackend::OpenAi => "OpenAiCompatible { server: OpenAi",
         _ => "TritonClient",
     };
     for &backend in VlmBackend::ALL {

@@ -415,15 +415,15 @@ fn bad_values_name_the_key_and_where_it_came_from() {
                     .env([("VLM_BACKEND", "lmdepoy")])
                     .load()
             }),
-            "unknown vlm_backend \"lmdepoy\" (from VLM_BACKEND); did you mean \"lmdeploy\"? valid: vllm, lmdeploy, triton",
+            "unknown vlm_backend \"lmdepoy\" (from VLM_BACKEND); did you mean \"lmdeploy\"? valid: vllm, lmdeploy, triton, ollama, openai (or \"auto\" to detect it)",
         ),
         (
             Box::new(|| {
                 VlmSettings::loader()
-                    .set_override("vlm_backend", "ollama", "--vlm-backend")
+                    .set_override("vlm_backend", "sglang", "--vlm-backend")
                     .load()
             }),
-            "unknown vlm_backend \"ollama\" (from --vlm-backend); valid: vllm, lmdeploy, triton",
+            "unknown vlm_backend \"sglang\" (from --vlm-backend); valid: vllm, lmdeploy, triton, ollama, openai",
         ),
         (
             Box::new(|| VlmSettings::loader().env([("VLM_TIMEOUT", "soon")]).load()),

@@ -1,6 +1,7 @@
 //! # vlm-testkit
 //!
-//! Local emulators of the servers ImageWorks VLM talks to — vLLM, LMDeploy and Triton — for
+//! Local emulators of the servers ImageWorks VLM talks to — vLLM, LMDeploy, Triton, Ollama, and
+//! SGLang, llama.cpp's `llama-server` and `trtllm-serve` for the generic `openai` backend — for
 //! tests, demos and benchmarks on machines with no GPU, no model and no network.
 //!
 //! Each [`Emulator`] listens on 127.0.0.1 (port 0 by default), answers each route with the
@@ -41,7 +42,10 @@ mod blackhole;
 mod cli;
 mod routes;
 mod server;
+mod servers;
 
 pub use blackhole::Blackhole;
 pub use cli::{EmulatorArgs, parse_emulator_args, run_emulator};
-pub use server::{Emulator, EmulatorConfig, EmulatorError, Fault, RecordedRequest, default_model};
+pub use server::{
+    Emulator, EmulatorConfig, EmulatorError, Fault, OpenAiFlavor, RecordedRequest, default_model,
+};

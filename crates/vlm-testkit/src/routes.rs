@@ -15,7 +15,9 @@ use tokio::sync::mpsc;
 use vlm_core::{ImageMime, VlmBackend};
 
 use crate::analysis::analyse;
-use crate::server::{Body, CloseConnection, Fault, RecordedRequest, Resp, Shared, lock};
+use crate::server::{
+    Body, CloseConnection, Fault, OpenAiFlavor, RecordedRequest, Resp, Shared, lock,
+};
 
 /// The largest request body accepted (vLLM's default limit is far larger; this bounds memory).
 const MAX_REQUEST_BYTES: usize = 256 * 1024 * 1024;
@@ -47,7 +49,7 @@ mod http_body_util_lite {
     }
 }
 
-fn json_response(status: u16, body: &Value) -> Resp {
+pub(crate) fn json_response(status: u16, body: &Value) -> Resp {
     raw_response(status, "application/json", body.to_string())
 }
 
@@ -60,15 +62,25 @@ fn raw_response(status: u16, content_type: &str, body: impl Into<Bytes>) -> Resp
     resp
 }
 
-fn empty_response(status: u16) -> Resp {
+/// A plain-text answer (Ollama's banner, Go's 404 and 405 pages).
+pub(crate) fn text(status: u16, body: &'static str) -> Resp {
+    raw_response(status, "text/plain; charset=utf-8", body)
+}
+
+pub(crate) fn empty_response(status: u16) -> Resp {
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     resp
 }
 
-/// An error in the backend's own shape.
-fn error(backend: VlmBackend, status: u16, kind: &str, message: &str, param: Option<&str>) -> Resp {
-    match backend {
+/// An error in the server's own shape.
+fn error(shared: &Shared, status: u16, kind: &str, message: &str, param: Option<&str>) -> Resp {
+    match shared.backend {
+        VlmBackend::Ollama => json_response(status, &crate::servers::ollama_error(status, message)),
+        VlmBackend::OpenAi => json_response(
+            status,
+            &crate::servers::openai_error(shared.flavor, status, message),
+        ),
         // vLLM >= 0.10.1: nested.
         VlmBackend::Vllm => json_response(
             status,
@@ -101,7 +113,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp 
     {
         return match collect_limited(req.into_body(), MAX_REQUEST_BYTES).await {
             Ok(_) => raw_response(200, "application/json", FIXED_ANSWER),
-            Err(e) => error(shared.backend, 413, "BadRequestError", &e, None),
+            Err(e) => error(&shared, 413, "BadRequestError", &e, None),
         };
     }
     let method = req.method().as_str().to_owned();
@@ -133,7 +145,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp 
         .collect();
     let body = match collect_limited(req.into_body(), MAX_REQUEST_BYTES).await {
         Ok(b) => b,
-        Err(e) => return error(shared.backend, 413, "BadRequestError", &e, None),
+        Err(e) => return error(&shared, 413, "BadRequestError", &e, None),
     };
     let parsed = serde_json::from_slice::<Value>(&body).ok();
     let record = RecordedRequest {
@@ -153,6 +165,11 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp 
     }
     match shared.backend {
         VlmBackend::Triton => triton(&shared, &method, &path),
+        VlmBackend::Ollama => match crate::servers::ollama(&shared, &method, &path) {
+            Some(resp) => resp,
+            None => chat(&shared, &record, &body).await,
+        },
+        VlmBackend::OpenAi => openai_compatible(&shared, &record, &body).await,
         _ => openai(&shared, &record, &body).await,
     }
 }
@@ -184,7 +201,7 @@ async fn openai(shared: &Shared, record: &RecordedRequest, body: &Bytes) -> Resp
     if protected && !authorized(shared, record) {
         return match backend {
             VlmBackend::Vllm => json_response(401, &json!({"error": "Unauthorized"})),
-            _ => error(backend, 401, "authentication_error", "Unauthorized.", None),
+            _ => error(shared, 401, "authentication_error", "Unauthorized.", None),
         };
     }
     match (record.method.as_str(), path) {
@@ -201,6 +218,33 @@ async fn openai(shared: &Shared, record: &RecordedRequest, body: &Bytes) -> Resp
             json_response(405, &json!({"detail": "Method Not Allowed"}))
         }
         _ => json_response(404, &json!({"detail": "Not Found"})),
+    }
+}
+
+/// SGLang, llama.cpp or trtllm-serve: loading, the key (on `/v1`), their own routes, the model
+/// list, chat.
+async fn openai_compatible(shared: &Shared, record: &RecordedRequest, body: &Bytes) -> Resp {
+    let path = record.path.as_str();
+    if std::time::Instant::now() < shared.loading_until {
+        return match shared.flavor {
+            OpenAiFlavor::LlamaCpp => crate::servers::llama_loading(),
+            _ if path == "/health" => empty_response(503),
+            _ => error(
+                shared,
+                503,
+                "ServiceUnavailableError",
+                "the server is starting",
+                None,
+            ),
+        };
+    }
+    if path.starts_with("/v1") && !authorized(shared, record) {
+        return error(shared, 401, "authentication_error", "Invalid API Key", None);
+    }
+    match crate::servers::openai_server(shared, &record.method, path) {
+        Some(resp) => resp,
+        None if path == "/v1/models" => json_response(200, &crate::servers::openai_models(shared)),
+        None => chat(shared, record, body).await,
     }
 }
 
@@ -238,7 +282,7 @@ struct ChatAsk {
 
 async fn chat(shared: &Shared, record: &RecordedRequest, body: &Bytes) -> Resp {
     let backend = shared.backend;
-    let bad = |message: &str| error(backend, 400, bad_kind(backend), message, None);
+    let bad = |message: &str| error(shared, 400, bad_kind(backend), message, None);
     let content_type = record.header("content-type").unwrap_or_default();
     if !content_type
         .to_ascii_lowercase()
@@ -307,7 +351,7 @@ async fn chat(shared: &Shared, record: &RecordedRequest, body: &Bytes) -> Resp {
         Some(Fault::EchoAuthorization) => {
             let given = record.header("authorization").unwrap_or("(none)");
             return error(
-                backend,
+                shared,
                 401,
                 "authentication_error",
                 &format!("invalid credentials: the request had 'Authorization: {given}'"),
@@ -407,21 +451,29 @@ fn completion(
     })
 }
 
+/// The model a chat request names, as each server checks it.
 #[allow(clippy::result_large_err)] // built once per request; boxing buys nothing here
-fn validate(shared: &Shared, json: &Value) -> Result<ChatAsk, Resp> {
+fn requested_model(shared: &Shared, obj: &serde_json::Map<String, Value>) -> Result<String, Resp> {
     let backend = shared.backend;
-    let bad = |message: String, param: Option<&str>| {
-        error(backend, 400, bad_kind(backend), &message, param)
-    };
-    let Some(obj) = json.as_object() else {
-        return Err(bad("the request body must be a JSON object".into(), None));
-    };
-    let model = match obj.get("model") {
-        Some(Value::String(m)) => m.clone(),
-        Some(_) => return Err(bad("model must be a string".into(), Some("model"))),
-        // vLLM: optional, the first served model. LMDeploy: a required field.
-        None if backend == VlmBackend::Vllm => shared.model.clone(),
-        None => {
+    let bad = |message: &str| error(shared, 400, bad_kind(backend), message, Some("model"));
+    let model = match (obj.get("model"), backend, shared.flavor) {
+        (Some(Value::String(m)), _, _) => m.clone(),
+        (Some(_), _, _) => return Err(bad("model must be a string")),
+        // vLLM: optional, the first served model; SGLang and llama.cpp: optional, ignored.
+        (None, VlmBackend::Vllm, _)
+        | (None, VlmBackend::OpenAi, OpenAiFlavor::Sglang | OpenAiFlavor::LlamaCpp) => {
+            shared.model.clone()
+        }
+        (None, VlmBackend::Ollama, _) => return Err(bad("model is required")),
+        // trtllm-serve: pydantic's "Field required", as its {"error": "..."} body.
+        (None, VlmBackend::OpenAi, _) => {
+            return Err(json_response(
+                400,
+                &json!({"error": "1 validation error for ChatCompletionRequest\nmodel\n  Field required [type=missing, input_value={...}, input_type=dict]"}),
+            ));
+        }
+        // LMDeploy: a required field.
+        (None, _, _) => {
             return Err(validation_error(
                 &["body", "model"],
                 "Field required",
@@ -429,24 +481,53 @@ fn validate(shared: &Shared, json: &Value) -> Result<ChatAsk, Resp> {
             ));
         }
     };
-    if model != shared.model {
-        return Err(match backend {
-            VlmBackend::Vllm => error(
-                backend,
-                404,
-                "NotFoundError",
-                &format!("The model `{model}` does not exist."),
-                Some("model"),
-            ),
-            _ => error(
-                backend,
-                404,
-                "not_found_error",
-                &format!("The model '{model}' does not exist."),
-                None,
-            ),
-        });
+    let served = match backend {
+        // Ollama reads an untagged name as `:latest`.
+        VlmBackend::Ollama => {
+            crate::servers::ollama_tagged(&model) == crate::servers::ollama_tagged(&shared.model)
+        }
+        // The generic servers do not check the name against what they serve.
+        VlmBackend::OpenAi => true,
+        _ => model == shared.model,
+    };
+    if served {
+        return Ok(model);
     }
+    Err(match backend {
+        VlmBackend::Ollama => error(
+            shared,
+            404,
+            "not_found_error",
+            &format!("model '{model}' not found"),
+            None,
+        ),
+        VlmBackend::Vllm => error(
+            shared,
+            404,
+            "NotFoundError",
+            &format!("The model `{model}` does not exist."),
+            Some("model"),
+        ),
+        _ => error(
+            shared,
+            404,
+            "not_found_error",
+            &format!("The model '{model}' does not exist."),
+            None,
+        ),
+    })
+}
+
+#[allow(clippy::result_large_err)] // built once per request; boxing buys nothing here
+fn validate(shared: &Shared, json: &Value) -> Result<ChatAsk, Resp> {
+    let backend = shared.backend;
+    let bad = |message: String, param: Option<&str>| {
+        error(shared, 400, bad_kind(backend), &message, param)
+    };
+    let Some(obj) = json.as_object() else {
+        return Err(bad("the request body must be a JSON object".into(), None));
+    };
+    let model = requested_model(shared, obj)?;
     let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let stream_options = obj.get("stream_options").filter(|v| !v.is_null());
     if stream_options.is_some() && !stream && backend == VlmBackend::Vllm {
@@ -524,6 +605,10 @@ fn validate(shared: &Shared, json: &Value) -> Result<ChatAsk, Resp> {
                                 .and_then(|u| u.get("url"))
                                 .and_then(Value::as_str)
                                 .ok_or_else(|| bad(format!("messages[{i}].content[{j}].image_url.url must be a string"), Some("messages")))?;
+                            if backend == VlmBackend::Ollama {
+                                // Ollama's answer is the bare message, nothing more.
+                                crate::servers::ollama_image_url(url).map_err(|e| bad(e, None))?;
+                            }
                             images.push(decode_data_url(url).map_err(|e| {
                                 bad(format!("messages[{i}].content[{j}]: {e}"), Some("messages"))
                             })?);

@@ -24,8 +24,27 @@ use crate::routes;
 pub fn default_model(backend: VlmBackend) -> &'static str {
     match backend {
         VlmBackend::Triton => "ensemble",
+        VlmBackend::Ollama => "qwen2.5vl:7b",
         _ => "Qwen/Qwen2-VL-2B-Instruct",
     }
+}
+
+/// Which OpenAI-compatible server an `openai` emulator is, for the routes beside chat
+/// completions and the error shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OpenAiFlavor {
+    /// SGLang (`python -m sglang.launch_server`): `/health` (empty 200), `/get_model_info`,
+    /// `owned_by: "sglang"`, flat errors; `model` optional.
+    #[default]
+    Sglang,
+    /// llama.cpp's `llama-server`: `/health` `{"status":"ok"}` (503 "Loading model" on every
+    /// route while loading), `/props`, `owned_by: "llamacpp"`, `Server: llama.cpp`; `model`
+    /// ignored.
+    LlamaCpp,
+    /// TensorRT-LLM's `trtllm-serve`: `/health` (empty 200), `/version`,
+    /// `owned_by: "tensorrt_llm"`; `model` required.
+    TrtllmServe,
 }
 
 /// How to start an emulator.
@@ -46,6 +65,11 @@ pub struct EmulatorConfig {
     /// Serve every route under this path prefix, as a gateway or an ingress does
     /// (`/llama`: `/llama/health`, `/llama/v1/models`); anything else is a gateway's 404.
     pub prefix: Option<String>,
+    /// For `VlmBackend::OpenAi`: which server it is.
+    pub flavor: OpenAiFlavor,
+    /// Answer as a server still loading its model for this long after start (llama.cpp: 503
+    /// "Loading model" on every route).
+    pub loading_for: Duration,
 }
 
 impl EmulatorConfig {
@@ -58,7 +82,21 @@ impl EmulatorConfig {
             api_key: None,
             fast: false,
             prefix: None,
+            flavor: OpenAiFlavor::default(),
+            loading_for: Duration::ZERO,
         }
+    }
+
+    /// For the `openai` backend: emulate this server.
+    pub fn with_flavor(mut self, flavor: OpenAiFlavor) -> Self {
+        self.flavor = flavor;
+        self
+    }
+
+    /// Answers as a server still loading its model for `d` after start.
+    pub fn loading_for(mut self, d: Duration) -> Self {
+        self.loading_for = d;
+        self
     }
 
     /// Serves every route under `prefix` (e.g. `/llama`), as behind a gateway.
@@ -223,6 +261,8 @@ pub(crate) struct Shared {
     pub(crate) api_key: Option<String>,
     pub(crate) fast: bool,
     pub(crate) prefix: Option<String>,
+    pub(crate) flavor: OpenAiFlavor,
+    pub(crate) loading_until: std::time::Instant,
     pub(crate) faults: Mutex<Faults>,
     pub(crate) requests: Mutex<Vec<RecordedRequest>>,
     pub(crate) counter: std::sync::atomic::AtomicU64,
@@ -391,6 +431,8 @@ impl Shared {
             api_key: config.api_key.clone().filter(|k| !k.is_empty()),
             fast: config.fast,
             prefix: config.prefix.clone(),
+            flavor: config.flavor,
+            loading_until: std::time::Instant::now() + config.loading_for,
             faults: Mutex::new(Faults::default()),
             requests: Mutex::new(Vec::new()),
             counter: std::sync::atomic::AtomicU64::new(0),

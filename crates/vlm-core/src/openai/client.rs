@@ -15,7 +15,8 @@ use crate::client::VlmClient;
 use crate::config::{ClientConfig, normalize_base_url};
 use crate::error::VlmError;
 use crate::health::{HealthProbe, HealthReport, HealthState, err_note, state_for_error};
-use crate::models::{ModelSlot, resolve_model};
+use crate::image::{ImageMime, LoadedImage};
+use crate::models::{ModelNames, ModelSlot, resolve_model};
 use crate::request::VlmRequest;
 use crate::response::VlmResponse;
 use crate::stream::{StreamContext, VlmStream, sse_events};
@@ -41,6 +42,59 @@ pub trait OpenAiServer: Send + Sync + fmt::Debug + Default + 'static {
         transport: &Transport,
         report: &mut HealthReport,
     ) -> Option<HealthState>;
+
+    /// The served models for the health check, read from the server's own route; `None` (the
+    /// default) reads `GET /v1/models`.
+    async fn served_models(
+        &self,
+        transport: &Transport,
+        probes: &mut Vec<HealthProbe>,
+    ) -> Option<Result<Vec<String>, VlmError>> {
+        let _ = (transport, probes);
+        None
+    }
+
+    /// Whether the configured `model` names the served `served`; exact by default.
+    fn same_model(&self, configured: &str, served: &str) -> bool {
+        configured == served
+    }
+
+    /// What to do when the configured model is not served, beyond choosing a served one.
+    fn not_served_advice(&self, model: &str) -> Option<String> {
+        let _ = model;
+        None
+    }
+
+    /// Whether the server takes images of this type in a `data:` URL; `Err` says why not and
+    /// what to do. Every type by default.
+    fn check_image_type(&self, mime: ImageMime) -> Result<(), String> {
+        let _ = mime;
+        Ok(())
+    }
+}
+
+/// The server's naming rules, as the model check wants them.
+struct Names<'a, S>(&'a S);
+
+impl<S: OpenAiServer> ModelNames for Names<'_, S> {
+    fn same_model(&self, configured: &str, served: &str) -> bool {
+        self.0.same_model(configured, served)
+    }
+
+    fn not_served_advice(&self, model: &str) -> Option<String> {
+        self.0.not_served_advice(model)
+    }
+}
+
+/// The type of a loaded image: its sniffed type, or the one a `data:` URL declares.
+fn image_type(image: &LoadedImage) -> Option<ImageMime> {
+    match image {
+        LoadedImage::Inline { mime, .. } => Some(*mime),
+        LoadedImage::Url(url) => {
+            let declared = url.strip_prefix("data:")?.split([';', ',']).next()?;
+            ImageMime::from_mime_str(declared)
+        }
+    }
 }
 
 /// A client for an OpenAI-compatible chat-completions server: images as `data:` URLs, retries,
@@ -115,9 +169,21 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
         let transport = &self.inner.transport;
         let mut report =
             HealthReport::new(S::BACKEND, transport.base_url().clone(), HealthState::Ready);
-        let models = self.list_models(&mut report.probes).await?;
-        report.served_models = models.into_iter().map(|m| m.id).collect();
-        resolve_model(&mut report, &self.inner.model)?;
+        let listed = self
+            .inner
+            .server
+            .served_models(transport, &mut report.probes)
+            .await;
+        report.served_models = match listed {
+            Some(listed) => listed?,
+            None => self
+                .list_models(&mut report.probes)
+                .await?
+                .into_iter()
+                .map(|m| m.id)
+                .collect(),
+        };
+        resolve_model(&mut report, &self.inner.model, &Names(&self.inner.server))?;
         match report.model {
             Some(model) => Ok(Some(model)),
             None => Err(VlmError::config(format!(
@@ -140,7 +206,14 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
         request.validate()?;
         let mut images = Vec::with_capacity(request.images.len());
         for image in &request.images {
-            images.push(image.load(self.inner.max_image_bytes).await?);
+            let loaded = image.load(self.inner.max_image_bytes).await?;
+            if let Some(mime) = image_type(&loaded) {
+                self.inner
+                    .server
+                    .check_image_type(mime)
+                    .map_err(|why| VlmError::image(image.source_name(), why))?;
+            }
+            images.push(loaded);
         }
         build_chat_body(request, &images, options)
     }
@@ -267,15 +340,27 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
     /// Completes a report whose liveness probe passed: lists the models, checks the configured
     /// one is served (or adopts the only one), and sets the final state.
     async fn check_models(&self, report: &mut HealthReport) -> Result<(), VlmError> {
-        let models = match self.list_models(&mut report.probes).await {
-            Ok(models) => models,
+        let transport = &self.inner.transport;
+        let listed = match self
+            .inner
+            .server
+            .served_models(transport, &mut report.probes)
+            .await
+        {
+            Some(listed) => listed,
+            None => self
+                .list_models(&mut report.probes)
+                .await
+                .map(|models| models.into_iter().map(|m| m.id).collect()),
+        };
+        match listed {
+            Ok(models) => report.served_models = models,
             Err(err) => {
                 report.state = state_for_error(&err, "the model list");
                 return Ok(());
             }
-        };
-        report.served_models = models.iter().map(|m| m.id.clone()).collect();
-        resolve_model(report, &self.inner.model)
+        }
+        resolve_model(report, &self.inner.model, &Names(&self.inner.server))
     }
 }
 
@@ -291,6 +376,10 @@ impl<S: OpenAiServer> VlmClient for OpenAiCompatible<S> {
 
     fn base_url(&self) -> &Url {
         self.inner.transport.base_url()
+    }
+
+    fn check_image_type(&self, mime: ImageMime) -> Result<(), String> {
+        self.inner.server.check_image_type(mime)
     }
 
     async fn health(&self) -> Result<HealthReport, VlmError> {
