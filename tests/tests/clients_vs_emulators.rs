@@ -314,3 +314,287 @@ async fn a_callers_own_http_client_is_used_and_zero_timeouts_are_refused() {
         "{err}"
     );
 }
+
+fn with_model(backend: VlmBackend, model: &str) -> EmulatorConfig {
+    EmulatorConfig::new(backend).with_model(model)
+}
+
+fn client_at(backend: VlmBackend, url: &str, model: Option<&str>) -> std::sync::Arc<dyn VlmClient> {
+    let mut loader = VlmSettings::loader()
+        .set_override("vlm_backend", backend.as_str(), "--vlm-backend")
+        .set_override("vlm_base_url", url, "--vlm-base-url");
+    if let Some(m) = model {
+        loader = loader.set_override("vlm_model", m, "--vlm-model");
+    }
+    build_client(&loader.load().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn ollama_health_reads_its_own_routes_and_its_tagged_names() {
+    let e = Emulator::start(with_model(VlmBackend::Ollama, "qwen2.5vl:7b"))
+        .await
+        .unwrap();
+    // ImageWorks writes the URL without /v1.
+    let root = e.root_url();
+    let client = client_at(VlmBackend::Ollama, &root, Some("qwen2.5vl:7b"));
+    assert_eq!(client.base_url().as_str(), format!("{root}/v1/"));
+    let report = client.health().await.unwrap();
+    assert!(report.is_ready(), "{report}");
+    let routes: Vec<&str> = report.probes.iter().map(|p| p.route.as_str()).collect();
+    assert_eq!(
+        routes,
+        ["GET /", "GET /api/version", "GET /api/tags"],
+        "{report}"
+    );
+    assert_eq!(report.server_version.as_deref(), Some("0.12.6"));
+    let answer = client.infer_single(&ask(png(3))).await.unwrap();
+    assert!(answer.text.starts_with("[emulator]"));
+    assert_eq!(
+        e.chat_requests()[0].json.as_ref().unwrap()["model"],
+        "qwen2.5vl:7b"
+    );
+
+    // Not pulled: the fix is named.
+    let report = client_at(VlmBackend::Ollama, &root, Some("llava:13b"))
+        .health()
+        .await
+        .unwrap();
+    let reason = report.state.reason().unwrap_or_default();
+    assert!(
+        report.state.label() == "unhealthy" && reason.contains("`ollama pull llava:13b`"),
+        "{report}"
+    );
+    // None configured: the only pulled model is adopted.
+    let adopted = client_at(VlmBackend::Ollama, &root, None);
+    assert!(adopted.health().await.unwrap().is_ready());
+    assert_eq!(adopted.model(), Some("qwen2.5vl:7b"));
+
+    // An untagged name is `:latest`, both ways.
+    let latest = Emulator::start(with_model(VlmBackend::Ollama, "qwen2.5vl"))
+        .await
+        .unwrap();
+    for configured in ["qwen2.5vl", "qwen2.5vl:latest"] {
+        let c = client_at(VlmBackend::Ollama, &latest.root_url(), Some(configured));
+        assert!(c.health().await.unwrap().is_ready(), "{configured}");
+        assert!(c.infer_single(&ask(png(4))).await.is_ok(), "{configured}");
+    }
+}
+
+#[tokio::test]
+async fn ollama_takes_no_gif_and_says_what_to_do_before_sending() {
+    let e = Emulator::start(EmulatorConfig::new(VlmBackend::Ollama))
+        .await
+        .unwrap();
+    let client = client_at(VlmBackend::Ollama, &e.base_url(), Some(e.model()));
+    let gif = VlmRequest::builder("x")
+        .image(ImageInput::bytes(
+            b"GIF89a\x01\x00\x01\x00\x00\x00\x00;".to_vec(),
+        ))
+        .build()
+        .unwrap();
+    let err = client.infer_single(&gif).await.unwrap_err();
+    assert!(matches!(err, VlmError::Image { .. }), "{err:?}");
+    assert!(err.to_string().contains("JPEG, PNG and WebP"), "{err}");
+    assert!(e.chat_requests().is_empty(), "nothing was sent");
+    assert!(client.check_image_type(vlm_core::ImageMime::Gif).is_err());
+
+    // The emulator answers a GIF as Ollama does: a bare "invalid image input".
+    let body = serde_json::json!({"model": e.model(), "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/gif;base64,R0lGODlh"}}]}]});
+    let resp = reqwest::Client::new()
+        .post(format!("{}/chat/completions", e.base_url()))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let said: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(said["error"]["message"], "invalid image input");
+    assert_eq!(said["error"]["type"], "invalid_request_error");
+
+    // Another server at the URL is not taken for Ollama.
+    let vllm = Emulator::start(EmulatorConfig::new(VlmBackend::Vllm))
+        .await
+        .unwrap();
+    let report = client_at(VlmBackend::Ollama, &vllm.root_url(), Some("m"))
+        .health()
+        .await
+        .unwrap();
+    assert!(
+        report
+            .state
+            .reason()
+            .unwrap_or_default()
+            .contains("an Ollama server?"),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn any_openai_compatible_server_passes_health_and_infers_even_behind_a_prefix() {
+    use vlm_testkit::OpenAiFlavor;
+    for (flavor, prefix) in [
+        (OpenAiFlavor::Sglang, Some("/llama")),
+        (OpenAiFlavor::LlamaCpp, None),
+        (OpenAiFlavor::TrtllmServe, Some("/trt")),
+    ] {
+        let mut config = EmulatorConfig::new(VlmBackend::OpenAi).with_flavor(flavor);
+        if let Some(p) = prefix {
+            config = config.with_prefix(p);
+        }
+        let e = Emulator::start(config).await.unwrap();
+        let client = client_at(VlmBackend::OpenAi, &e.base_url(), None);
+        let report = client.health().await.unwrap();
+        assert!(report.is_ready(), "{flavor:?}: {report}");
+        let routes: Vec<&str> = report.probes.iter().map(|p| p.route.as_str()).collect();
+        let p = prefix.unwrap_or("");
+        assert_eq!(
+            routes,
+            [format!("GET {p}/health"), format!("GET {p}/v1/models")],
+            "{flavor:?}"
+        );
+        let answer = client.infer_single(&ask(png(5))).await.unwrap();
+        assert!(answer.text.starts_with("[emulator]"), "{flavor:?}");
+        // `model` is always sent.
+        assert_eq!(
+            e.chat_requests()[0].json.as_ref().unwrap()["model"],
+            e.model(),
+            "{flavor:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_loading_llama_cpp_is_starting_and_wait_ready_rides_it_out() {
+    let e = Emulator::start(
+        EmulatorConfig::new(VlmBackend::OpenAi)
+            .with_flavor(vlm_testkit::OpenAiFlavor::LlamaCpp)
+            .loading_for(Duration::from_millis(1500)),
+    )
+    .await
+    .unwrap();
+    let client = client_at(VlmBackend::OpenAi, &e.base_url(), None);
+    let report = client.health().await.unwrap();
+    assert_eq!(report.state.label(), "starting", "{report}");
+    assert!(
+        report.state.reason().unwrap().contains("Loading model"),
+        "{report}"
+    );
+    let report = client.wait_ready(Duration::from_secs(15)).await.unwrap();
+    assert!(report.is_ready(), "{report}");
+}
+
+#[test]
+fn the_openai_backend_has_no_default_url() {
+    let err = VlmSettings::loader()
+        .set_override("vlm_backend", "openai", "--vlm-backend")
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("vlm_openai_base_url") && err.contains("--vlm-base-url"),
+        "{err}"
+    );
+    let err = VlmSettings::loader()
+        .set_override("vlm_backend", "auto", "--vlm-backend")
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs the URL to probe"), "{err}");
+}
+
+#[tokio::test]
+async fn auto_detects_every_server_and_then_its_own_keys_apply() {
+    use vlm_testkit::OpenAiFlavor;
+    let cases = [
+        (
+            EmulatorConfig::new(VlmBackend::Vllm),
+            VlmBackend::Vllm,
+            "GET /v1/models",
+        ),
+        (
+            EmulatorConfig::new(VlmBackend::LmDeploy),
+            VlmBackend::LmDeploy,
+            "GET /v1/models",
+        ),
+        (
+            EmulatorConfig::new(VlmBackend::Triton),
+            VlmBackend::Triton,
+            "GET /v2",
+        ),
+        (
+            EmulatorConfig::new(VlmBackend::Ollama),
+            VlmBackend::Ollama,
+            "GET /",
+        ),
+        (
+            EmulatorConfig::new(VlmBackend::OpenAi).with_flavor(OpenAiFlavor::Sglang),
+            VlmBackend::OpenAi,
+            "GET /v1/models",
+        ),
+        (
+            EmulatorConfig::new(VlmBackend::OpenAi).with_flavor(OpenAiFlavor::LlamaCpp),
+            VlmBackend::OpenAi,
+            "GET /v1/models",
+        ),
+        (
+            EmulatorConfig::new(VlmBackend::OpenAi).with_flavor(OpenAiFlavor::TrtllmServe),
+            VlmBackend::OpenAi,
+            "GET /v1/models",
+        ),
+    ];
+    for (config, want, route) in cases {
+        let e = Emulator::start(config).await.unwrap();
+        let settings = VlmSettings::loader()
+            .set_override("vlm_backend", "auto", "--vlm-backend")
+            .set_override("vlm_base_url", e.base_url(), "--vlm-base-url")
+            .env([(
+                format!("VLM_{}_MODEL", want.as_str().to_ascii_uppercase()),
+                e.model().to_owned(),
+            )])
+            .load()
+            .unwrap();
+        assert!(settings.is_auto());
+        assert!(build_client(&settings).is_err(), "not before detection");
+        let (settings, found) = vlm_factory::resolve_backend(settings).await.unwrap();
+        let found = found.unwrap();
+        assert_eq!(
+            (found.backend, found.route.as_str()),
+            (want, route),
+            "{found}"
+        );
+        assert_eq!(settings.backend, want);
+        // The detected backend's own keys apply, as if it had been named.
+        assert_eq!(settings.model.as_deref(), Some(e.model()), "{want}");
+        assert!(
+            settings
+                .source("vlm_backend")
+                .unwrap()
+                .to_string()
+                .starts_with("auto: "),
+            "{:?}",
+            settings.source("vlm_backend")
+        );
+        let client = build_client(&settings).unwrap();
+        assert!(client.health().await.unwrap().is_ready(), "{want}");
+    }
+
+    // Nothing there: unreachable, not a guess.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let settings = VlmSettings::loader()
+        .set_override("vlm_backend", "auto", "--vlm-backend")
+        .set_override(
+            "vlm_base_url",
+            format!("127.0.0.1:{port}"),
+            "--vlm-base-url",
+        )
+        .load()
+        .unwrap();
+    let err = vlm_factory::resolve_backend(settings).await.unwrap_err();
+    assert!(err.is_unreachable(), "{err:?}");
+}

@@ -327,7 +327,11 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
             ("vlm_temperature", args.temperature.clone(), "--temperature"),
             (
                 "vlm_base_url",
-                emulator.map(crate::emulate::base_url),
+                match emulator {
+                    Some(emulator) => Some(crate::emulate::base_url(emulator)),
+                    // Before the emulator runs, a stand-in: `openai` has no default URL.
+                    None => args.emulate.then(|| "http://127.0.0.1:9/v1".to_owned()),
+                },
                 "--emulate",
             ),
         ]
