@@ -8,6 +8,7 @@
 mod hostile;
 mod narrate;
 mod reliability;
+mod servers;
 mod settings;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,214 @@
+//! The servers users run: Ollama as ImageWorks configures it, any OpenAI-compatible server, and
+//! `--vlm-backend auto` against each.
+
+use vlm_core::VlmBackend;
+use vlm_testkit::{Emulator, EmulatorConfig, OpenAiFlavor};
+
+use crate::{records, run, stderr, vlm, workdir};
+
+#[cfg(feature = "ollama")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imageworks_color_narrator_table_narrates_through_ollama() {
+    let e = Emulator::start(EmulatorConfig::new(VlmBackend::Ollama).with_model("qwen2.5vl:7b"))
+        .await
+        .unwrap();
+    let dir = workdir();
+    // As ImageWorks' own pyproject.toml has it: the URL without /v1.
+    std::fs::write(
+        dir.join("pyproject.toml"),
+        format!(
+            "[tool.imageworks.color_narrator]\nvlm_backend = \"ollama\"\nvlm_base_url = \"{}\"\nvlm_model = \"qwen2.5vl:7b\"\nmin_contamination = 0.1\n",
+            e.root_url()
+        ),
+    )
+    .unwrap();
+    let mut cmd = vlm(&dir);
+    cmd.args(["narrate", "images"]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("🤖 VLM: ollama/qwen2.5vl:7b"), "{err}");
+    let recs = records(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(recs.len(), 5);
+    for r in &recs {
+        assert!(r["error"].is_null(), "{r}");
+        assert_eq!(
+            (r["backend"].as_str(), r["model"].as_str()),
+            (Some("ollama"), Some("qwen2.5vl:7b"))
+        );
+    }
+}
+
+#[cfg(all(
+    feature = "vllm",
+    feature = "lmdeploy",
+    feature = "triton",
+    feature = "ollama",
+    feature = "openai"
+))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_names_the_backend_it_found_in_health_and_narrate() {
+    let cases = [
+        (EmulatorConfig::new(VlmBackend::Vllm), "vllm"),
+        (EmulatorConfig::new(VlmBackend::LmDeploy), "lmdeploy"),
+        (EmulatorConfig::new(VlmBackend::Triton), "triton"),
+        (EmulatorConfig::new(VlmBackend::Ollama), "ollama"),
+        (
+            EmulatorConfig::new(VlmBackend::OpenAi).with_flavor(OpenAiFlavor::LlamaCpp),
+            "openai",
+        ),
+    ];
+    for (config, name) in cases {
+        let e = Emulator::start(config).await.unwrap();
+        let dir = workdir();
+        let mut cmd = vlm(&dir);
+        cmd.args([
+            "health",
+            "--vlm-backend",
+            "auto",
+            "--vlm-base-url",
+            &e.base_url(),
+        ]);
+        let out = run(cmd).await;
+        let text = String::from_utf8(out.stdout.clone()).unwrap();
+        assert_eq!(out.status.code(), Some(0), "{name}: {text}{}", stderr(&out));
+        let mut lines = text.lines();
+        assert_eq!(
+            lines.next(),
+            Some(format!("backend: {name}").as_str()),
+            "{text}"
+        );
+        let detected = lines.next().unwrap_or_default();
+        assert!(
+            detected.starts_with(&format!("detected: {name} from GET /")),
+            "{text}"
+        );
+        if name == "triton" {
+            continue; // Triton does not infer yet.
+        }
+        let mut cmd = vlm(&dir);
+        cmd.args([
+            "narrate",
+            "images",
+            "--vlm-backend",
+            "auto",
+            "--vlm-base-url",
+            &e.base_url(),
+        ]);
+        let out = run(cmd).await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{name}: {err}");
+        assert!(err.contains(&format!("🤖 VLM: {name}/")), "{err}");
+        let recs = records(&String::from_utf8(out.stdout).unwrap());
+        assert!(recs.iter().all(|r| r["backend"] == name), "{recs:?}");
+    }
+}
+
+#[cfg(feature = "openai")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generic_backend_narrates_behind_a_prefix_and_waits_out_a_loading_llama_cpp() {
+    let e = Emulator::start(
+        EmulatorConfig::new(VlmBackend::OpenAi)
+            .with_flavor(OpenAiFlavor::Sglang)
+            .with_prefix("/llama"),
+    )
+    .await
+    .unwrap();
+    let dir = workdir();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--vlm-backend",
+        "openai",
+        "--vlm-base-url",
+        &e.base_url(),
+    ]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(records(&String::from_utf8(out.stdout).unwrap()).len(), 5);
+
+    let loading = Emulator::start(
+        EmulatorConfig::new(VlmBackend::OpenAi)
+            .with_flavor(OpenAiFlavor::LlamaCpp)
+            .loading_for(std::time::Duration::from_millis(1500)),
+    )
+    .await
+    .unwrap();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--vlm-backend",
+        "openai",
+        "--vlm-base-url",
+        &loading.base_url(),
+    ]);
+    let out = run(cmd).await;
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "without --wait: {}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("Loading model"), "{}", stderr(&out));
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--vlm-backend",
+        "openai",
+        "--vlm-base-url",
+        &loading.base_url(),
+        "--wait",
+        "15",
+    ]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // No URL for the generic backend: a configuration error naming the settings.
+    let mut cmd = vlm(&dir);
+    cmd.args(["narrate", "images", "--vlm-backend", "openai"]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("vlm_openai_base_url"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[cfg(all(feature = "ollama", feature = "openai"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_lists_ollama_and_openai_and_auto_says_what_it_found() {
+    let e = Emulator::start(EmulatorConfig::new(VlmBackend::Ollama))
+        .await
+        .unwrap();
+    let dir = workdir();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "backends",
+        "--check",
+        "--vlm-backend",
+        "auto",
+        "--vlm-base-url",
+        &e.base_url(),
+    ]);
+    let out = run(cmd).await;
+    let text = String::from_utf8(out.stdout.clone()).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ollama ") && l.contains("http://localhost:11434/v1")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("openai ") && l.contains("(none: configure one)")),
+        "{text}"
+    );
+    assert!(
+        text.contains("(vlm_backend = auto: detected: ollama from GET / "),
+        "{text}"
+    );
+}
