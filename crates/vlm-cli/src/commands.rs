@@ -42,6 +42,9 @@ pub struct EmulateArgs {
     /// Answer every chat request with one fixed completion (for benchmarks)
     #[arg(long)]
     fast: bool,
+    /// With --backend openai: which server, sglang (default), llama-cpp or trtllm-serve
+    #[arg(long, value_name = "FLAVOR")]
+    flavor: Option<String>,
 }
 
 /// `vlm health`: prints the report; exit 0 when ready, 3 otherwise.
@@ -200,6 +203,7 @@ pub async fn emulate(args: EmulateArgs) -> Result<Exit, Failure> {
         model: args.model,
         api_key: args.api_key,
         fast: args.fast,
+        flavor: args.flavor,
     })
     .await
 }

@@ -19,6 +19,8 @@ pub struct Serve {
     pub api_key: Option<String>,
     /// Fixed answers for benchmarks.
     pub fast: bool,
+    /// Which OpenAI-compatible server `--backend openai` is.
+    pub flavor: Option<String>,
 }
 
 #[cfg(feature = "emulate")]
@@ -53,6 +55,9 @@ mod imp {
         emulator_args.model = args.model;
         emulator_args.api_key = args.api_key;
         emulator_args.fast = args.fast;
+        if let Some(flavor) = &args.flavor {
+            emulator_args.flavor = flavor.parse().map_err(Failure::usage)?;
+        }
         vlm_testkit::run_emulator(emulator_args)
             .await
             .map_err(|message| Failure {

@@ -4,7 +4,7 @@ use std::io::Write as _;
 
 use vlm_core::VlmBackend;
 
-use crate::server::{Emulator, EmulatorConfig, default_model};
+use crate::server::{Emulator, EmulatorConfig, OpenAiFlavor, default_model};
 
 /// The emulator command's arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +20,8 @@ pub struct EmulatorArgs {
     pub api_key: Option<String>,
     /// `--fast`: fixed answers, no decoding or recording (for benchmarks)
     pub fast: bool,
+    /// `--flavor sglang|llama-cpp|trtllm-serve`: which server `--backend openai` is
+    pub flavor: OpenAiFlavor,
 }
 
 impl EmulatorArgs {
@@ -31,17 +33,21 @@ impl EmulatorArgs {
             model: None,
             api_key: None,
             fast: false,
+            flavor: OpenAiFlavor::default(),
         }
     }
 }
 
 /// The usage text of `vlm-emulator`.
 pub const USAGE: &str =
-    "usage: vlm-emulator --backend vllm|lmdeploy|triton [--port P] [--model M] [--api-key K] [--fast]
+    "usage: vlm-emulator --backend vllm|lmdeploy|triton|ollama|openai [--port P] [--model M] [--api-key K]
+                    [--flavor sglang|llama-cpp|trtllm-serve] [--fast]
 
 Serves an emulator of that server on 127.0.0.1 until killed (SIGINT/SIGTERM exit 0).
 Prints one line on stdout: the value to give --vlm-base-url. Logs go to stderr.
-Default models: vllm and lmdeploy serve \"Qwen/Qwen2-VL-2B-Instruct\", triton serves \"ensemble\".
+Default models: vllm, lmdeploy and openai serve \"Qwen/Qwen2-VL-2B-Instruct\", triton serves
+\"ensemble\", ollama serves \"qwen2.5vl:7b\". --flavor picks which OpenAI-compatible server
+--backend openai emulates (default sglang).
 --fast answers every chat request with one fixed completion, without parsing, decoding or
 recording it (for benchmarks: the server's cost stays out of the client's numbers).";
 
@@ -52,6 +58,7 @@ pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
     let mut model = None;
     let mut api_key = None;
     let mut fast = false;
+    let mut flavor = OpenAiFlavor::default();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -83,6 +90,7 @@ pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
             }
             "--model" => model = Some(value()?),
             "--api-key" => api_key = Some(value()?),
+            "--flavor" => flavor = value()?.parse()?,
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
     }
@@ -93,6 +101,7 @@ pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
         model,
         api_key,
         fast,
+        flavor,
     })
 }
 
@@ -106,7 +115,7 @@ pub async fn run_emulator(args: EmulatorArgs) -> Result<(), String> {
     if let Some(key) = args.api_key {
         config = config.with_api_key(key);
     }
-    config = config.with_fast(args.fast);
+    config = config.with_fast(args.fast).with_flavor(args.flavor);
     let emulator = Emulator::start(config).await.map_err(|e| e.to_string())?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", emulator.base_url()).map_err(|e| e.to_string())?;

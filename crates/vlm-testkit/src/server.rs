@@ -29,6 +29,22 @@ pub fn default_model(backend: VlmBackend) -> &'static str {
     }
 }
 
+impl std::str::FromStr for OpenAiFlavor {
+    type Err = String;
+
+    /// `sglang`, `llama-cpp` (or `llama.cpp`, `llama-server`), `trtllm-serve`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "sglang" => Ok(OpenAiFlavor::Sglang),
+            "llama-cpp" | "llama.cpp" | "llamacpp" | "llama-server" => Ok(OpenAiFlavor::LlamaCpp),
+            "trtllm-serve" | "trtllm" => Ok(OpenAiFlavor::TrtllmServe),
+            other => Err(format!(
+                "unknown --flavor {other:?}: expected sglang, llama-cpp or trtllm-serve"
+            )),
+        }
+    }
+}
+
 /// Which OpenAI-compatible server an `openai` emulator is, for the routes beside chat
 /// completions and the error shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
