@@ -354,11 +354,15 @@ async fn ollama_health_reads_its_own_routes_and_its_tagged_names() {
         "qwen2.5vl:7b"
     );
 
-    // Not pulled: the fix is named.
-    let report = client_at(VlmBackend::Ollama, &root, Some("llava:13b"))
-        .health()
-        .await
-        .unwrap();
+    // Not pulled: the fix is named; and inference gets Ollama's own 404.
+    let not_pulled = client_at(VlmBackend::Ollama, &root, Some("llava:13b"));
+    let err = not_pulled.infer_single(&ask(png(3))).await.unwrap_err();
+    assert_eq!(err.status(), Some(404));
+    assert!(
+        err.to_string().contains("model 'llava:13b' not found"),
+        "{err}"
+    );
+    let report = not_pulled.health().await.unwrap();
     let reason = report.state.reason().unwrap_or_default();
     assert!(
         report.state.label() == "unhealthy" && reason.contains("`ollama pull llava:13b`"),
@@ -456,6 +460,17 @@ async fn any_openai_compatible_server_passes_health_and_infers_even_behind_a_pre
         );
         let answer = client.infer_single(&ask(png(5))).await.unwrap();
         assert!(answer.text.starts_with("[emulator]"), "{flavor:?}");
+        // Each server's own error shape is decoded to its message.
+        let not_an_image = VlmRequest::builder("x")
+            .image(ImageInput::url("data:image/png;base64,aGVsbG8="))
+            .build()
+            .unwrap();
+        let err = client.infer_single(&not_an_image).await.unwrap_err();
+        assert_eq!(err.status(), Some(400), "{flavor:?}");
+        assert!(
+            err.to_string().contains("not an image"),
+            "{flavor:?}: {err}"
+        );
         // `model` is always sent.
         assert_eq!(
             e.chat_requests()[0].json.as_ref().unwrap()["model"],

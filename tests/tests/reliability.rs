@@ -255,7 +255,13 @@ async fn a_slow_health_probe_names_vlm_health_timeout() {
 
 #[tokio::test]
 async fn health_and_inference_stay_under_a_gateways_path_prefix() {
-    for backend in [VlmBackend::Vllm, VlmBackend::LmDeploy, VlmBackend::Triton] {
+    for backend in [
+        VlmBackend::Vllm,
+        VlmBackend::LmDeploy,
+        VlmBackend::Triton,
+        VlmBackend::Ollama,
+        VlmBackend::OpenAi,
+    ] {
         let e = Emulator::start(EmulatorConfig::new(backend).with_prefix("/llama"))
             .await
             .unwrap();

@@ -33,7 +33,8 @@ pub struct EmulateArgs {
     /// Port on 127.0.0.1 (0: any free port)
     #[arg(long, default_value_t = 0)]
     port: u16,
-    /// The model served (default: Qwen/Qwen2-VL-2B-Instruct; triton: ensemble)
+    /// The model served (default: Qwen/Qwen2-VL-2B-Instruct; triton: ensemble; ollama:
+    /// qwen2.5vl:7b)
     #[arg(long)]
     model: Option<String>,
     /// Require this API key where the real server would
@@ -49,7 +50,7 @@ pub struct EmulateArgs {
 
 /// `vlm health`: prints the report; exit 0 when ready, 3 otherwise.
 pub async fn health(global: &GlobalOpts, args: HealthArgs) -> Result<Exit, Failure> {
-    let (settings, detected) = global.load_resolved(&[]).await?;
+    let (settings, detected) = global.load_resolved(&[], args.wait).await?;
     let client = build_client(&settings)?;
     let report = crate::check_health(&*client, args.wait).await?;
     let text = report.to_string();

@@ -109,6 +109,40 @@ pub fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
         .ok_or_else(|| format!("{s:?} is not a number of seconds >= 0"))
 }
 
+/// For `vlm_backend = "auto"`: detects the backend, trying again with backoff while the server
+/// is unreachable or still starting, up to `wait` when given (`--wait`).
+pub async fn resolve_backend(
+    settings: VlmSettings,
+    wait: Option<std::time::Duration>,
+) -> Result<(VlmSettings, Option<vlm_core::Detection>), Failure> {
+    let started = std::time::Instant::now();
+    let mut delay = std::time::Duration::from_millis(250);
+    loop {
+        match vlm_factory::resolve_backend(settings.clone()).await {
+            Ok(resolved) => return Ok(resolved),
+            Err(e) if e.is_retryable() && wait.is_some_and(|w| started.elapsed() + delay < w) => {
+                tracing::debug!("vlm_backend = auto: nothing to detect yet ({e}); waiting");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            }
+            Err(e) => {
+                let mut failure = Failure::from(e);
+                failure.message = format!(
+                    "vlm_backend = auto could not detect the server at {}: {}{}",
+                    settings.base_url,
+                    failure.message,
+                    if wait.is_none() && failure.exit == Exit::Server {
+                        "; if it is still starting, give --wait SECONDS"
+                    } else {
+                        ""
+                    }
+                );
+                return Err(failure);
+            }
+        }
+    }
+}
+
 /// The pre-flight health check: polled up to `wait` when given.
 pub async fn check_health(
     client: &dyn vlm_core::VlmClient,
@@ -219,9 +253,10 @@ impl GlobalOpts {
     pub async fn load_resolved(
         &self,
         extra: &[(&str, Option<String>, &str)],
+        wait: Option<std::time::Duration>,
     ) -> Result<(VlmSettings, Option<vlm_core::Detection>), Failure> {
         let settings = self.load_settings(extra)?;
-        Ok(vlm_factory::resolve_backend(settings).await?)
+        resolve_backend(settings, wait).await
     }
 
     /// Loads the settings from every layer, with these flags (and `extra` ones) on top.

@@ -145,10 +145,15 @@ impl Job {
         let (max_bytes, prompt) = (self.max_image_bytes, self.prompt.clone());
         let (max_tokens, temperature) = (self.max_tokens, self.temperature);
         let previous = self.previous.clone();
+        let client = self.client.clone();
         let read = tokio::task::spawn_blocking(move || {
             let (sha256, bytes, mime) = read_and_hash(&path, &shown, max_bytes)?;
             if previous.is_done(&shown, &sha256) {
                 return Ok(None);
+            }
+            // A type this server cannot take is this image's error, named by its path.
+            if let Err(why) = client.check_image_type(mime) {
+                return Err((Some(sha256), format!("image {shown}: {why}")));
             }
             let data_url = encode_data_url(&bytes, mime);
             drop(bytes);
@@ -358,7 +363,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     } else {
         None
     };
-    let (settings, _detected) = vlm_factory::resolve_backend(settings).await?;
+    let (settings, _detected) = crate::resolve_backend(settings, args.wait).await?;
 
     if let Some(path) = &args.output {
         crate::output::refuse_existing(path, args.resume, args.overwrite)?;

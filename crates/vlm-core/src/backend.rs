@@ -92,9 +92,9 @@ impl VlmBackend {
                 format!("OLLAMA_HOST=0.0.0.0:{port} ollama serve` then `ollama pull <model>")
             }
             VlmBackend::OpenAi => format!(
-                "python -m sglang.launch_server --model-path <model> --port {port}` (or \
-                 `llama-server -m <model.gguf> --mmproj <mmproj.gguf> --port {port}`, or \
-                 `trtllm-serve <model> --port {port}`"
+                "python -m sglang.launch_server --model-path <model> --port {port}`, \
+                 `llama-server -m <model.gguf> --mmproj <mmproj.gguf> --port {port}` or \
+                 `trtllm-serve <model> --port {port}"
             ),
         }
     }

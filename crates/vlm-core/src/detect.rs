@@ -218,7 +218,25 @@ pub async fn detect_backend(config: &ClientConfig) -> Result<Detection, VlmError
         models: models.ok(),
         clean: transport.server_text().clone(),
     };
-    answers.decide().ok_or_else(|| {
+    if let Some(found) = answers.decide() {
+        return Ok(found);
+    }
+    // A server that answers 503 everywhere is still starting (llama.cpp loading its model):
+    // retryable, so `--wait` can ride it out.
+    let starting = [
+        &answers.models,
+        &answers.health,
+        &answers.root,
+        &answers.v2,
+        &answers.api_version,
+    ]
+    .into_iter()
+    .flatten()
+    .find(|r| r.status == 503);
+    if let Some(resp) = starting {
+        return Err(transport.http_error(resp));
+    }
+    Err({
         VlmError::config(format!(
             "vlm_backend = \"auto\" found no VLM server it knows at {}: no Triton /v2, no Ollama \
              banner, no OpenAI model list at {models_url}; name the backend with --vlm-backend \

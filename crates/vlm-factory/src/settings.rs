@@ -33,7 +33,7 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec {
         key: "vlm_backend",
         default: "vllm",
-        doc: "the server that hosts the model: vllm, lmdeploy or triton",
+        doc: "the server that hosts the model: vllm, lmdeploy, triton, ollama, openai (any OpenAI-compatible server), or auto (detected from vlm_base_url)",
     },
     KeySpec {
         key: "vlm_base_url",

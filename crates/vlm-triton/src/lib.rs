@@ -40,7 +40,7 @@ use vlm_core::{
 /// What to do instead of Triton inference today; the message of the `Unsupported` error.
 pub const INFERENCE_GUIDANCE: &str = "inference through Triton is not implemented yet (this \
 client checks Triton's health only). For images today: run `trtllm-serve <model>` (TensorRT-LLM's \
-OpenAI-compatible server, port 8000) and use `--vlm-backend vllm --vlm-base-url \
+OpenAI-compatible server, port 8000) and use `--vlm-backend openai --vlm-base-url \
 http://<host>:8000/v1`. Triton's own OpenAI frontend (port 9000) is text-only and rejects image \
 parts. TensorRT-LLM multimodal ensembles take `image_url_input` through Triton's generate \
 extension (`POST /v2/models/ensemble/generate`); support for that is a planned follow-up";

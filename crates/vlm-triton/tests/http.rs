@@ -201,7 +201,7 @@ async fn inference_is_unsupported_with_actionable_guidance() {
     for needle in [
         "not implemented yet",
         "trtllm-serve <model>",
-        "--vlm-backend vllm",
+        "--vlm-backend openai",
         "port 9000",
         "image_url_input",
     ] {

@@ -97,7 +97,7 @@ async fn triton_checks_health_warns_and_exits_4_with_a_working_alternative() {
         "the real health report is printed: {err}"
     );
     assert!(
-        err.contains("trtllm-serve") && err.contains("--vlm-backend vllm"),
+        err.contains("trtllm-serve") && err.contains("--vlm-backend openai"),
         "{err}"
     );
     let paths: Vec<String> = e.requests().iter().map(|r| r.path.clone()).collect();

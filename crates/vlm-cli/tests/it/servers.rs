@@ -212,3 +212,108 @@ async fn backends_lists_ollama_and_openai_and_auto_says_what_it_found() {
         "{text}"
     );
 }
+
+#[cfg(all(feature = "vllm", not(feature = "ollama")))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detected_backend_that_is_not_compiled_in_is_refused_by_name() {
+    let e = Emulator::start(EmulatorConfig::new(VlmBackend::Ollama))
+        .await
+        .unwrap();
+    let dir = workdir();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "health",
+        "--vlm-backend",
+        "auto",
+        "--vlm-base-url",
+        &e.base_url(),
+    ]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("backend \"ollama\" is not compiled into this build")
+            && err.contains("--features ollama"),
+        "{err}"
+    );
+}
+
+#[cfg(feature = "ollama")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gif_for_ollama_is_an_error_record_naming_the_file_and_nothing_is_sent() {
+    let e = Emulator::start(EmulatorConfig::new(VlmBackend::Ollama))
+        .await
+        .unwrap();
+    let dir = workdir();
+    // A 1x1 GIF.
+    std::fs::write(
+        dir.join("images/tiny.gif"),
+        b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;",
+    )
+    .unwrap();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--vlm-backend",
+        "ollama",
+        "--vlm-base-url",
+        &e.base_url(),
+    ]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let recs = records(&String::from_utf8(out.stdout).unwrap());
+    let gif = recs
+        .iter()
+        .find(|r| r["path"] == "images/tiny.gif")
+        .unwrap();
+    let msg = gif["error"].as_str().unwrap();
+    assert!(
+        msg.starts_with("image images/tiny.gif: Ollama takes only JPEG, PNG and WebP"),
+        "{msg}"
+    );
+    assert!(gif["sha256"].is_string(), "the bytes were read and hashed");
+    assert_eq!(e.chat_requests().len(), 5, "the GIF was never sent");
+}
+
+#[cfg(feature = "openai")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_with_wait_rides_out_a_loading_server() {
+    let e = Emulator::start(
+        EmulatorConfig::new(VlmBackend::OpenAi)
+            .with_flavor(OpenAiFlavor::LlamaCpp)
+            .loading_for(std::time::Duration::from_millis(1500)),
+    )
+    .await
+    .unwrap();
+    let dir = workdir();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "health",
+        "--vlm-backend",
+        "auto",
+        "--vlm-base-url",
+        &e.base_url(),
+    ]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("Loading model") && err.contains("--wait"),
+        "{err}"
+    );
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "health",
+        "--vlm-backend",
+        "auto",
+        "--vlm-base-url",
+        &e.base_url(),
+        "--wait",
+        "15",
+    ]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("backend: openai\ndetected: openai"));
+}
