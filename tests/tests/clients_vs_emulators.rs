@@ -202,7 +202,7 @@ fn vlm_vllm_like(port: u16) -> std::sync::Arc<dyn VlmClient> {
 }
 
 #[tokio::test]
-async fn triton_health_is_real_and_inference_says_what_to_do() {
+async fn triton_health_is_real_and_the_multimodal_ensemble_infers() {
     let e = Emulator::start(EmulatorConfig::new(VlmBackend::Triton))
         .await
         .unwrap();
@@ -222,11 +222,219 @@ async fn triton_health_is_real_and_inference_says_what_to_do() {
     let adopted = client_for(&e, None, None);
     assert!(adopted.health().await.unwrap().is_ready());
     assert_eq!(adopted.model(), Some("ensemble"));
-    let err = client.infer_single(&ask(png(4))).await.unwrap_err();
     assert!(
-        err.is_unsupported() && err.to_string().contains("trtllm-serve"),
+        report
+            .image_input
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("image_url_input"),
+        "{report}"
+    );
+    e.clear_requests();
+    let answer = client.infer_single(&ask(png(4))).await.unwrap();
+    // The answer for the image, the echoed prompt cut off.
+    assert!(
+        answer.text.starts_with("[emulator] 12x9 PNG"),
+        "{}",
+        answer.text
+    );
+    let sent = e
+        .requests()
+        .into_iter()
+        .find(|r| r.path.ends_with("/generate"))
+        .unwrap()
+        .json
+        .unwrap();
+    // Only the ensemble's inputs, each in its type; a PNG goes under the one prefix its
+    // preprocessing decodes.
+    assert!(
+        sent["image_url_input"]
+            .as_str()
+            .unwrap()
+            .starts_with("data:image/jpeg;base64,iVBOR")
+    );
+    assert_eq!(sent["max_tokens"], 300);
+    assert_eq!(sent["temperature"], 0.1);
+    assert_eq!(sent["stream"], false);
+    assert!(
+        sent.get("exclude_input_in_output").is_none() && sent.get("sampling_parameters").is_none()
+    );
+}
+
+fn triton(kind: vlm_testkit::TritonModel) -> EmulatorConfig {
+    EmulatorConfig::new(VlmBackend::Triton)
+        .with_model("m")
+        .with_triton_model(kind)
+}
+
+fn triton_client(e: &Emulator, template: Option<&str>) -> std::sync::Arc<dyn VlmClient> {
+    let mut loader = VlmSettings::loader()
+        .set_override("vlm_backend", "triton", "--vlm-backend")
+        .set_override("vlm_base_url", e.base_url(), "--vlm-base-url")
+        .set_override("vlm_model", e.model(), "--vlm-model");
+    if let Some(t) = template {
+        loader = loader.set_override("vlm_prompt_template", t, "--prompt-template");
+    }
+    build_client(&loader.load().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn triton_vllm_backend_gets_raw_base64_its_sampling_json_and_the_placeholder() {
+    use futures_util::StreamExt as _;
+    let e = Emulator::start(triton(vlm_testkit::TritonModel::VllmBackend))
+        .await
+        .unwrap();
+    // No chat template on the server: without the placeholder the model refuses the image.
+    let err = triton_client(&e, None)
+        .infer_single(&ask(png(6)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(err.to_string().contains("0 placeholders"), "{err}");
+
+    let client = triton_client(&e, Some("<|image|>{prompt}"));
+    let report = client.health().await.unwrap();
+    assert!(
+        report
+            .image_input
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("image (raw base64"),
+        "{report}"
+    );
+    e.clear_requests();
+    let answer = client.infer_single(&ask(png(6))).await.unwrap();
+    assert!(
+        answer.text.starts_with("[emulator] 12x9 PNG"),
+        "{}",
+        answer.text
+    );
+    assert_eq!(answer.finish_reason.as_deref(), Some("stop"));
+    assert!(answer.usage.is_some());
+    let sent = e
+        .requests()
+        .into_iter()
+        .find(|r| r.path.ends_with("/generate"))
+        .unwrap()
+        .json
+        .unwrap();
+    assert_eq!(sent["text_input"], "<|image|>Describe the colour cast.");
+    assert!(
+        sent["image"][0].as_str().unwrap().starts_with("iVBOR"),
+        "raw base64, no data: prefix"
+    );
+    assert_eq!(sent["exclude_input_in_output"], true);
+    let sampling: serde_json::Value =
+        serde_json::from_str(sent["sampling_parameters"].as_str().unwrap()).unwrap();
+    assert_eq!(sampling["max_tokens"], 300);
+    assert!(
+        sent.get("max_tokens").is_none(),
+        "not an input of this model"
+    );
+
+    // Decoupled: generate_stream, SSE with no [DONE]; the body's end is the end.
+    let events: Vec<_> = client
+        .infer_stream(&ask(png(6)))
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    let text: String = events
+        .iter()
+        .filter_map(|e| match e {
+            Ok(vlm_core::StreamEvent::Text(t)) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(events.iter().all(Result::is_ok), "{events:?}");
+    assert_eq!(text, answer.text);
+}
+
+#[tokio::test]
+async fn triton_models_that_cannot_take_images_and_the_openai_frontend_are_unsupported() {
+    let e = Emulator::start(triton(vlm_testkit::TritonModel::TextOnly))
+        .await
+        .unwrap();
+    let client = triton_client(&e, None);
+    let report = client.health().await.unwrap();
+    assert!(report.is_ready() && report.image_input.as_deref().unwrap().contains("text-only"));
+    let err = client.image_support().await.unwrap_err();
+    assert!(
+        err.is_unsupported() && err.to_string().contains("text-only"),
         "{err}"
     );
+    let err = client.infer_single(&ask(png(7))).await.unwrap_err();
+    assert!(err.is_unsupported(), "{err}");
+
+    // Triton's OpenAI frontend answers /v2 with FastAPI's 404.
+    let frontend = Emulator::start(EmulatorConfig::new(VlmBackend::OpenAi))
+        .await
+        .unwrap();
+    let config = vlm_core::ClientConfig::new(VlmBackend::Triton, &frontend.root_url())
+        .unwrap()
+        .with_model("m");
+    let err = vlm_triton::TritonClient::new(config)
+        .unwrap()
+        .image_support()
+        .await
+        .unwrap_err();
+    assert!(
+        err.is_unsupported() && err.to_string().contains("only text message"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_triton_emulator_is_strict_as_triton_is() {
+    let e = Emulator::start(triton(vlm_testkit::TritonModel::MultimodalEnsemble))
+        .await
+        .unwrap();
+    let post = |body: serde_json::Value| {
+        let url = format!("{}/v2/models/m/generate", e.root_url());
+        async move {
+            let resp = reqwest::Client::new()
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let body: serde_json::Value =
+                serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+            (
+                status,
+                body["error"].as_str().unwrap_or_default().to_owned(),
+            )
+        }
+    };
+    let (status, error) = post(serde_json::json!({"text_input": "x", "max_tokens": "50"})).await;
+    assert_eq!(status, 500);
+    assert!(error.contains("non-signed-integer"), "{error}");
+    let (status, error) = post(serde_json::json!({"text_input": "x"})).await;
+    assert_eq!(status, 400);
+    assert!(
+        error.contains("expected number of inputs between 2 and"),
+        "{error}"
+    );
+    let (status, error) = post(serde_json::json!({"text_input": "x", "max_tokens": 5,
+        "image_url_input": "data:image/png;base64,iVBORw0KGgo="}))
+    .await;
+    assert_eq!(status, 500);
+    assert!(error.contains("MissingSchema"), "{error}");
+    let (status, error) =
+        post(serde_json::json!({"text_input": "x", "max_tokens": 5, "stream": true})).await;
+    assert_eq!(status, 500);
+    assert!(error.contains("decoupled mode"), "{error}");
+    // The client reads Triton's {"error": ...} bodies.
+    let client = triton_client(&e, None);
+    let two = VlmRequest::builder("x")
+        .image(ImageInput::bytes(png(1)))
+        .image(ImageInput::bytes(png(2)))
+        .build()
+        .unwrap();
+    let err = client.infer_single(&two).await.unwrap_err();
+    assert!(err.to_string().contains("one image per request"), "{err}");
 }
 
 #[tokio::test]

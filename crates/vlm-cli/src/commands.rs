@@ -46,6 +46,10 @@ pub struct EmulateArgs {
     /// With --backend openai: which server, sglang (default), llama-cpp or trtllm-serve
     #[arg(long, value_name = "FLAVOR")]
     flavor: Option<String>,
+    /// With --backend triton: which model, multimodal (a TensorRT-LLM multimodal ensemble,
+    /// default), vllm (Triton's vLLM backend) or text (text-only)
+    #[arg(long, value_name = "KIND")]
+    triton_model: Option<String>,
 }
 
 /// `vlm health`: prints the report; exit 0 when ready, 3 otherwise.
@@ -205,6 +209,7 @@ pub async fn emulate(args: EmulateArgs) -> Result<Exit, Failure> {
         api_key: args.api_key,
         fast: args.fast,
         flavor: args.flavor,
+        triton_model: args.triton_model,
     })
     .await
 }

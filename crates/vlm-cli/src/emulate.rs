@@ -6,8 +6,9 @@ use vlm_core::VlmBackend;
 
 use crate::{Exit, Failure};
 
-/// What `vlm emulate` was asked for.
+/// What `vlm emulate` was asked for (read only when the emulator is compiled in).
 #[derive(Debug)]
+#[cfg_attr(not(feature = "emulate"), allow(dead_code))]
 pub struct Serve {
     /// The server to emulate, as given to `--backend`.
     pub backend: String,
@@ -21,6 +22,8 @@ pub struct Serve {
     pub fast: bool,
     /// Which OpenAI-compatible server `--backend openai` is.
     pub flavor: Option<String>,
+    /// Which model `--backend triton` serves.
+    pub triton_model: Option<String>,
 }
 
 #[cfg(feature = "emulate")]
@@ -57,6 +60,9 @@ mod imp {
         emulator_args.fast = args.fast;
         if let Some(flavor) = &args.flavor {
             emulator_args.flavor = flavor.parse().map_err(Failure::usage)?;
+        }
+        if let Some(kind) = &args.triton_model {
+            emulator_args.triton_model = kind.parse().map_err(Failure::usage)?;
         }
         vlm_testkit::run_emulator(emulator_args)
             .await

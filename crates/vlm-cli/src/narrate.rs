@@ -65,6 +65,10 @@ pub struct NarrateArgs {
     /// Sampling temperature [setting: vlm_temperature, default 0.1]
     #[arg(long, value_name = "T")]
     temperature: Option<String>,
+    /// For servers that take a raw prompt (Triton): the text sent, with {prompt} where the
+    /// prompt goes, e.g. "<|image|>{prompt}" [setting: vlm_prompt_template]
+    #[arg(long, value_name = "TEMPLATE")]
+    prompt_template: Option<String>,
     /// Requests in flight at once
     #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     concurrency: u32,
@@ -331,6 +335,11 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
             ("vlm_max_tokens", args.max_tokens.clone(), "--max-tokens"),
             ("vlm_temperature", args.temperature.clone(), "--temperature"),
             (
+                "vlm_prompt_template",
+                args.prompt_template.clone(),
+                "--prompt-template",
+            ),
+            (
                 "vlm_base_url",
                 match emulator {
                     Some(emulator) => Some(crate::emulate::base_url(emulator)),
@@ -371,22 +380,14 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     let client = build_client(&settings)?;
     let report = crate::check_health(&*client, args.wait).await?;
 
-    if settings.backend == VlmBackend::Triton {
-        tracing::warn!(
-            "Triton inference is a stub: the health check below is real, inference is not implemented yet"
-        );
+    // A model that cannot take images from this client (a Triton model that wants
+    // preprocessed pixels, a text-only one, Triton's OpenAI frontend) ends here, with the health
+    // report and what to run instead, before the output is opened.
+    if let Err(e) = client.image_support().await
+        && e.is_unsupported()
+    {
         eprint!("{report}");
-        let probe = VlmRequest::builder(prompt.as_str()).build()?;
-        return match client.infer_single(&probe).await {
-            Err(e) => Err(Failure {
-                exit: Exit::Unsupported,
-                message: e.to_string(),
-            }),
-            Ok(_) => Err(Failure {
-                exit: Exit::Unsupported,
-                message: "Triton inference is not supported".into(),
-            }),
-        };
+        return Err(e.into());
     }
     if !report.is_ready() {
         eprint!("{report}");

@@ -57,6 +57,14 @@ pub trait VlmClient: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Whether the model can take images from this client at all, asked once before a run:
+    /// [`VlmError::Unsupported`] says what the model takes and what to run instead (a Triton
+    /// model that wants preprocessed pixels, a text-only model, Triton's OpenAI frontend). Every
+    /// OpenAI-compatible server can, so the default is `Ok`.
+    async fn image_support(&self) -> Result<(), VlmError> {
+        Ok(())
+    }
+
     /// Checks the server and says why it is or is not ready.
     ///
     /// A server that does not answer is `Ok` with [`HealthState::Unreachable`]; `Err` is kept for

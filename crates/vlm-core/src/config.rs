@@ -47,6 +47,9 @@ pub struct ClientConfig {
     /// The caller's own HTTP client (proxies, TLS roots, middleware), used instead of one built
     /// from the timeouts above; per-request timeouts still apply.
     pub http_client: Option<reqwest::Client>,
+    /// For servers that take a raw prompt (Triton): the text sent, with `{prompt}` where the
+    /// request's prompt goes, e.g. `"<|image|>{prompt}"` (`vlm_prompt_template`).
+    pub prompt_template: Option<String>,
 }
 
 impl ClientConfig {
@@ -75,7 +78,25 @@ impl ClientConfig {
             retry_timeouts: false,
             max_image_bytes: Self::DEFAULT_MAX_IMAGE_BYTES,
             http_client: None,
+            prompt_template: None,
         })
+    }
+
+    /// Sets the prompt template (`{prompt}` marks where the prompt goes); servers that take a
+    /// raw prompt (Triton) send the template filled in. A template without `{prompt}` is refused
+    /// by [`validate`](Self::validate).
+    ///
+    /// ```
+    /// use vlm_core::{ClientConfig, VlmBackend};
+    /// let config = ClientConfig::new(VlmBackend::Triton, "http://h:8000")
+    ///     .unwrap()
+    ///     .with_prompt_template("<|image|>{prompt}");
+    /// assert!(config.validate().is_ok());
+    /// ```
+    pub fn with_prompt_template(mut self, template: impl Into<String>) -> Self {
+        let template = template.into();
+        self.prompt_template = (!template.trim().is_empty()).then_some(template);
+        self
     }
 
     /// Uses the caller's own `reqwest::Client` (its proxies, TLS roots, connection pool) instead
@@ -119,6 +140,15 @@ impl ClientConfig {
                      seconds above 0"
                 )));
             }
+        }
+        if let Some(template) = &self.prompt_template
+            && !template.contains("{prompt}")
+        {
+            return Err(VlmError::config(format!(
+                "the prompt template {template:?} (vlm_prompt_template) has no {{prompt}}: the \
+                 prompt would never be sent; write {{prompt}} where it goes, e.g. \
+                 \"<|image|>{{prompt}}\""
+            )));
         }
         Ok(())
     }

@@ -93,6 +93,8 @@ pub struct HealthReport {
     pub served_models: Vec<String>,
     /// The server's version, when it exposes one.
     pub server_version: Option<String>,
+    /// How the model takes images, when the server says (Triton: which input, and how many).
+    pub image_input: Option<String>,
     /// Each probe made, in order.
     pub probes: Vec<HealthProbe>,
 }
@@ -107,6 +109,7 @@ impl HealthReport {
             model: None,
             served_models: Vec::new(),
             server_version: None,
+            image_input: None,
             probes: Vec::new(),
         }
     }
@@ -138,6 +141,9 @@ impl fmt::Display for HealthReport {
         }
         if let Some(v) = &self.server_version {
             writeln!(f, "server version: {}", shown_model(v))?;
+        }
+        if let Some(i) = &self.image_input {
+            writeln!(f, "image input: {i}")?;
         }
         for p in &self.probes {
             let status = p.status.map_or("-".to_owned(), |s| s.to_string());

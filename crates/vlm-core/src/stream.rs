@@ -144,9 +144,26 @@ fn parse_chunk(
     Ok(Some(events))
 }
 
-/// Where a stream comes from and how long it may take.
+/// Turns one SSE `data:` payload into events; `Ok(None)` ends the stream (`[DONE]`).
+pub type ChunkParser =
+    fn(VlmBackend, &str, &ServerText) -> Result<Option<Vec<StreamEvent>>, VlmError>;
+
+/// The OpenAI chat-completions chunk parser (the default).
+pub fn openai_chunk(
+    backend: VlmBackend,
+    data: &str,
+    clean: &ServerText,
+) -> Result<Option<Vec<StreamEvent>>, VlmError> {
+    parse_chunk(backend, data, clean)
+}
+
+/// Where a stream comes from, how it is framed, and how long it may take.
 #[derive(Debug, Clone)]
 pub struct StreamContext {
+    /// Parses each event ([`openai_chunk`] for OpenAI servers).
+    pub parse: ChunkParser,
+    /// Whether the body's end ends the stream (Triton sends no `[DONE]`); when false, an end
+    /// before the parser's end marker is an error.
     /// The backend streaming.
     pub backend: VlmBackend,
     /// The URL, for messages.
@@ -159,6 +176,8 @@ pub struct StreamContext {
     pub deadline: tokio::time::Instant,
     /// Cleans the server's text (the API key redacted).
     pub clean: ServerText,
+    /// See [`parse`](Self::parse).
+    pub end_is_done: bool,
 }
 
 struct State<S> {
@@ -268,6 +287,17 @@ where
                 Ok(next) => next,
             };
             match next {
+                None if state.cx.end_is_done => {
+                    state.done = true;
+                    if !state.text_seen {
+                        let err = VlmError::empty_answer(
+                            state.cx.backend,
+                            state.finish.as_deref(),
+                            state.reasoning_chars,
+                        );
+                        return Some((Err(err), state));
+                    }
+                }
                 None => {
                     // The body ended without [DONE] (vLLM and LMDeploy always send it).
                     state.done = true;
@@ -289,7 +319,7 @@ where
                     return Some((Err(err), state));
                 }
                 Some(Ok(event)) => {
-                    match parse_chunk(state.cx.backend, &event.data, &state.cx.clean) {
+                    match (state.cx.parse)(state.cx.backend, &event.data, &state.cx.clean) {
                         Ok(None) => {
                             state.done = true;
                             if !state.text_seen {
@@ -323,6 +353,8 @@ mod tests {
 
     fn context(backend: VlmBackend, url: &str, timeout: Duration) -> StreamContext {
         StreamContext {
+            parse: openai_chunk,
+            end_is_done: false,
             backend,
             url: url.to_owned(),
             chunk_timeout: timeout,

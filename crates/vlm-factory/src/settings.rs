@@ -86,6 +86,11 @@ pub const KEYS: &[KeySpec] = &[
         doc: "temperature sent with each request (>= 0)",
     },
     KeySpec {
+        key: "vlm_prompt_template",
+        default: "(none)",
+        doc: "for servers that take a raw prompt (Triton): the text sent, with {prompt} where the prompt goes, e.g. \"<|image|>{prompt}\"",
+    },
+    KeySpec {
         key: "vlm_max_image_bytes",
         default: "33554432",
         doc: "largest image accepted, in bytes (32 MiB)",
@@ -576,6 +581,8 @@ pub struct VlmSettings {
     pub temperature: f64,
     /// Image size limit (`vlm_max_image_bytes`).
     pub max_image_bytes: u64,
+    /// The raw-prompt template (`vlm_prompt_template`), for Triton.
+    pub prompt_template: Option<String>,
     sources: BTreeMap<&'static str, Source>,
     warnings: Vec<String>,
     /// For `vlm_backend = "auto"`: the loader to run again once the backend is detected.
@@ -673,6 +680,12 @@ impl VlmSettings {
             row("vlm_max_tokens", self.max_tokens.to_string()),
             row("vlm_temperature", self.temperature.to_string()),
             row("vlm_max_image_bytes", self.max_image_bytes.to_string()),
+            row(
+                "vlm_prompt_template",
+                self.prompt_template
+                    .clone()
+                    .unwrap_or_else(|| "(none)".to_owned()),
+            ),
         ]
     }
 
@@ -685,6 +698,9 @@ impl VlmSettings {
             .with_max_retries(self.max_retries)
             .with_retry_timeouts(self.retry_timeouts)
             .with_max_image_bytes(self.max_image_bytes);
+        if let Some(template) = &self.prompt_template {
+            config = config.with_prompt_template(template.clone());
+        }
         if let Some(model) = &self.model {
             config = config.with_model(model.clone());
         }
@@ -913,6 +929,25 @@ fn resolve(
         None => 0.1,
     };
 
+    let prompt_template = match plain(layers, "vlm_prompt_template") {
+        Some((raw, source)) => {
+            let text = raw
+                .text()
+                .ok_or_else(|| invalid("vlm_prompt_template", &raw, &source, "a string"))?;
+            if !text.contains("{prompt}") {
+                return Err(invalid(
+                    "vlm_prompt_template",
+                    &raw,
+                    &source,
+                    "a text with {prompt} where the prompt goes, e.g. \"<|image|>{prompt}\"",
+                ));
+            }
+            sources.insert("vlm_prompt_template", source);
+            Some(text)
+        }
+        None => None,
+    };
+
     let settings = VlmSettings {
         tool,
         backend,
@@ -927,6 +962,7 @@ fn resolve(
         max_tokens,
         temperature,
         max_image_bytes,
+        prompt_template,
         sources,
         warnings: Vec::new(),
         auto: None,

@@ -22,6 +22,8 @@ pub struct EmulatorArgs {
     pub fast: bool,
     /// `--flavor sglang|llama-cpp|trtllm-serve`: which server `--backend openai` is
     pub flavor: OpenAiFlavor,
+    /// `--triton-model multimodal|vllm|text`: which model `--backend triton` serves
+    pub triton_model: crate::TritonModel,
 }
 
 impl EmulatorArgs {
@@ -34,6 +36,7 @@ impl EmulatorArgs {
             api_key: None,
             fast: false,
             flavor: OpenAiFlavor::default(),
+            triton_model: crate::TritonModel::default(),
         }
     }
 }
@@ -41,13 +44,15 @@ impl EmulatorArgs {
 /// The usage text of `vlm-emulator`.
 pub const USAGE: &str =
     "usage: vlm-emulator --backend vllm|lmdeploy|triton|ollama|openai [--port P] [--model M] [--api-key K]
-                    [--flavor sglang|llama-cpp|trtllm-serve] [--fast]
+                    [--flavor sglang|llama-cpp|trtllm-serve] [--triton-model multimodal|vllm|text]
+                    [--fast]
 
 Serves an emulator of that server on 127.0.0.1 until killed (SIGINT/SIGTERM exit 0).
 Prints one line on stdout: the value to give --vlm-base-url. Logs go to stderr.
 Default models: vllm, lmdeploy and openai serve \"Qwen/Qwen2-VL-2B-Instruct\", triton serves
 \"ensemble\", ollama serves \"qwen2.5vl:7b\". --flavor picks which OpenAI-compatible server
---backend openai emulates (default sglang).
+--backend openai emulates (default sglang); --triton-model which model --backend triton serves: a
+TensorRT-LLM multimodal ensemble (default), a model on Triton's vLLM backend, or a text-only one.
 --fast answers every chat request with one fixed completion, without parsing, decoding or
 recording it (for benchmarks: the server's cost stays out of the client's numbers).";
 
@@ -59,6 +64,7 @@ pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
     let mut api_key = None;
     let mut fast = false;
     let mut flavor = OpenAiFlavor::default();
+    let mut triton_model = crate::TritonModel::default();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -91,6 +97,7 @@ pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
             "--model" => model = Some(value()?),
             "--api-key" => api_key = Some(value()?),
             "--flavor" => flavor = value()?.parse()?,
+            "--triton-model" => triton_model = value()?.parse()?,
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
     }
@@ -102,6 +109,7 @@ pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
         api_key,
         fast,
         flavor,
+        triton_model,
     })
 }
 
@@ -115,7 +123,10 @@ pub async fn run_emulator(args: EmulatorArgs) -> Result<(), String> {
     if let Some(key) = args.api_key {
         config = config.with_api_key(key);
     }
-    config = config.with_fast(args.fast).with_flavor(args.flavor);
+    config = config
+        .with_fast(args.fast)
+        .with_flavor(args.flavor)
+        .with_triton_model(args.triton_model);
     let emulator = Emulator::start(config).await.map_err(|e| e.to_string())?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", emulator.base_url()).map_err(|e| e.to_string())?;

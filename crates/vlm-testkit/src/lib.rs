@@ -43,9 +43,11 @@ mod cli;
 mod routes;
 mod server;
 mod servers;
+mod triton;
 
 pub use blackhole::Blackhole;
 pub use cli::{EmulatorArgs, parse_emulator_args, run_emulator};
 pub use server::{
     Emulator, EmulatorConfig, EmulatorError, Fault, OpenAiFlavor, RecordedRequest, default_model,
 };
+pub use triton::TritonModel;

@@ -164,7 +164,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp 
         tokio::time::sleep(other_delay).await;
     }
     match shared.backend {
-        VlmBackend::Triton => triton(&shared, &method, &path),
+        VlmBackend::Triton => crate::triton::route(&shared, &method, &path, &body),
         VlmBackend::Ollama => match crate::servers::ollama(&shared, &method, &path) {
             Some(resp) => resp,
             None => chat(&shared, &record, &body).await,
@@ -809,56 +809,4 @@ fn stream(
         HeaderValue::from_static("text/event-stream; charset=utf-8"),
     );
     resp
-}
-
-fn triton(shared: &Shared, method: &str, path: &str) -> Resp {
-    let not_found = |m: &str| {
-        json_response(
-            404,
-            &json!({"error": format!("Request for unknown model: '{m}' is not found")}),
-        )
-    };
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    match (method, segments.as_slice()) {
-        ("GET", ["v2", "health", "live"]) | ("GET", ["v2", "health", "ready"]) => {
-            empty_response(200)
-        }
-        ("GET", ["v2"]) => json_response(
-            200,
-            &json!({"name": "triton", "version": "2.62.0", "extensions": [
-                "classification", "sequence", "model_repository", "model_repository(unload_dependents)",
-                "schedule_policy", "model_configuration", "system_shared_memory", "cuda_shared_memory",
-                "binary_tensor_data", "parameters", "statistics", "trace", "logging", "generate"]}),
-        ),
-        ("GET", ["v2", "models", m, "ready"]) => {
-            if *m == shared.model {
-                empty_response(200)
-            } else {
-                not_found(m)
-            }
-        }
-        ("GET", ["v2", "models", m]) => {
-            if *m == shared.model {
-                json_response(
-                    200,
-                    &json!({
-                        "name": m, "versions": ["1"], "platform": "ensemble",
-                        "inputs": [
-                            {"name": "text_input", "datatype": "BYTES", "shape": [-1, 1]},
-                            {"name": "image_url_input", "datatype": "BYTES", "shape": [-1, 1]},
-                            {"name": "max_tokens", "datatype": "INT32", "shape": [-1, 1]}
-                        ],
-                        "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1, 1]}]
-                    }),
-                )
-            } else {
-                not_found(m)
-            }
-        }
-        ("POST", ["v2", "repository", "index"]) => json_response(
-            200,
-            &json!([{"name": shared.model, "version": "1", "state": "READY"}]),
-        ),
-        _ => json_response(404, &json!({"error": "Not Found"})),
-    }
 }

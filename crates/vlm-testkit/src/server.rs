@@ -86,6 +86,8 @@ pub struct EmulatorConfig {
     /// Answer as a server still loading its model for this long after start (llama.cpp: 503
     /// "Loading model" on every route).
     pub loading_for: Duration,
+    /// For `VlmBackend::Triton`: which model repository it serves.
+    pub triton_model: crate::TritonModel,
 }
 
 impl EmulatorConfig {
@@ -100,7 +102,14 @@ impl EmulatorConfig {
             prefix: None,
             flavor: OpenAiFlavor::default(),
             loading_for: Duration::ZERO,
+            triton_model: crate::TritonModel::default(),
         }
+    }
+
+    /// For Triton: serve this kind of model.
+    pub fn with_triton_model(mut self, kind: crate::TritonModel) -> Self {
+        self.triton_model = kind;
+        self
     }
 
     /// For the `openai` backend: emulate this server.
@@ -278,6 +287,7 @@ pub(crate) struct Shared {
     pub(crate) fast: bool,
     pub(crate) prefix: Option<String>,
     pub(crate) flavor: OpenAiFlavor,
+    pub(crate) triton_model: crate::TritonModel,
     pub(crate) loading_until: std::time::Instant,
     pub(crate) faults: Mutex<Faults>,
     pub(crate) requests: Mutex<Vec<RecordedRequest>>,
@@ -448,6 +458,7 @@ impl Shared {
             fast: config.fast,
             prefix: config.prefix.clone(),
             flavor: config.flavor,
+            triton_model: config.triton_model,
             loading_until: std::time::Instant::now() + config.loading_for,
             faults: Mutex::new(Faults::default()),
             requests: Mutex::new(Vec::new()),

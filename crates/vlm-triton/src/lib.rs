@@ -9,8 +9,16 @@
 //!   the OpenAI form (`http://host:8000/v1`) is stripped to the server root. A server that answers
 //!   `/v2/...` with FastAPI's `{"detail":"Not Found"}` is Triton's OpenAI frontend (port 9000),
 //!   not KServe, and the report says so.
-//! - Inference is not implemented yet: [`TritonClient::infer_single`] returns
-//!   [`VlmError::Unsupported`] naming what works today (see [`INFERENCE_GUIDANCE`]).
+//! - Inference through Triton's generate extension (`POST /v2/models/{m}/generate`, and
+//!   `/generate_stream` for a decoupled model), chosen from the model's metadata and
+//!   configuration, read once: `image_url_input` (TensorRT-LLM multimodal ensembles: mllama,
+//!   qwen2_vl, llava_onevision, pixtral) gets `data:image/jpeg;base64,` URLs; `image` (Triton's
+//!   vLLM backend) gets raw base64. Only inputs the model lists are sent, each in its datatype;
+//!   `exclude_input_in_output` is sent where the model has it, and otherwise the echoed prompt is
+//!   cut from the answer. A model that takes images only as preprocessed pixels, or none at all,
+//!   is [`VlmError::Unsupported`] saying what to run instead ([`VlmClient::image_support`]).
+//! - Servers that take a raw prompt apply no chat template: `vlm_prompt_template`
+//!   (`"<|image|>{prompt}"` for mllama on the vLLM backend) carries the model's placeholders.
 //!
 //! ```no_run
 //! use vlm_core::{ClientConfig, VlmBackend, VlmClient};
@@ -37,13 +45,21 @@ use vlm_core::{
     VlmRequest, VlmResponse, VlmStream, async_trait,
 };
 
-/// What to do instead of Triton inference today; the message of the `Unsupported` error.
-pub const INFERENCE_GUIDANCE: &str = "inference through Triton is not implemented yet (this \
-client checks Triton's health only). For images today: run `trtllm-serve <model>` (TensorRT-LLM's \
-OpenAI-compatible server, port 8000) and use `--vlm-backend openai --vlm-base-url \
-http://<host>:8000/v1`. Triton's own OpenAI frontend (port 9000) is text-only and rejects image \
-parts. TensorRT-LLM multimodal ensembles take `image_url_input` through Triton's generate \
-extension (`POST /v2/models/ensemble/generate`); support for that is a planned follow-up";
+mod generate;
+mod model;
+
+use std::time::Instant;
+
+use model::{ImageWay, ModelInfo};
+use vlm_core::StreamEvent;
+use vlm_core::support::{StreamContext, sse_events};
+
+/// What to run instead when the server is Triton's OpenAI-compatible frontend.
+pub const OPENAI_FRONTEND_GUIDANCE: &str = "Triton's OpenAI-compatible frontend (port 9000) is \
+text-only: it refuses image parts (\"only text message is supported, but got image_url\"). Point \
+--vlm-base-url at Triton's KServe HTTP port (8000 by default) to use the generate extension, or \
+for images run `trtllm-serve <model>` and use `--vlm-backend openai --vlm-base-url \
+http://<host>:8000/v1`";
 
 /// A client for Triton Inference Server (KServe v2 HTTP/REST protocol).
 /// Cheap to clone: clones share one connection pool and one adopted model.
@@ -51,11 +67,14 @@ extension (`POST /v2/models/ensemble/generate`); support for that is a planned f
 pub struct TritonClient {
     transport: Transport,
     model: Arc<ModelSlot>,
+    /// What the model takes, read once.
+    info: Arc<tokio::sync::OnceCell<ModelInfo>>,
+    prompt_template: Option<String>,
+    max_image_bytes: u64,
 }
 
 impl TritonClient {
-    /// Builds the client. Nothing is sent until the first call; inference answers
-    /// [`VlmError::Unsupported`] with [`INFERENCE_GUIDANCE`].
+    /// Builds the client. Nothing is sent until the first call.
     ///
     /// ```
     /// use vlm_core::{ClientConfig, VlmBackend, VlmClient};
@@ -71,7 +90,79 @@ impl TritonClient {
         Ok(TritonClient {
             transport: Transport::new(&config)?,
             model: Arc::new(ModelSlot::new(config.model)),
+            info: Arc::new(tokio::sync::OnceCell::new()),
+            prompt_template: config.prompt_template,
+            max_image_bytes: config.max_image_bytes,
         })
+    }
+
+    /// The model requests go to: configured, adopted, or the only ready one in the repository.
+    async fn model_name(&self) -> Result<String, VlmError> {
+        if let Some(model) = self.model.get() {
+            return Ok(model.to_owned());
+        }
+        let mut probes = Vec::new();
+        match self.ready_models(&mut probes).await.as_deref() {
+            Some([only]) => Ok(self.model.adopt(only).to_owned()),
+            _ => Err(VlmError::config(
+                "no model is configured and Triton has no single ready model; set --vlm-model \
+                 (or vlm_triton_model)",
+            )),
+        }
+    }
+
+    /// What `model` takes, from its metadata and configuration, read once per client.
+    async fn model_info(&self, model: &str) -> Result<&ModelInfo, VlmError> {
+        self.info
+            .get_or_try_init(|| async {
+                let t = &self.transport;
+                let url = self.model_route(model, "");
+                let resp = t.get(&url, Auth::Bearer, Budget::Health).await?;
+                if Self::is_openai_frontend(&resp) {
+                    return Err(VlmError::Unsupported {
+                        backend: VlmBackend::Triton,
+                        message: OPENAI_FRONTEND_GUIDANCE.to_owned(),
+                    });
+                }
+                if !resp.is_success() {
+                    return Err(t.http_error(&resp));
+                }
+                let metadata: Value = serde_json::from_slice(&resp.body).unwrap_or_default();
+                let config_url = self.model_route(model, "config");
+                let config = match t.get(&config_url, Auth::Bearer, Budget::Health).await {
+                    Ok(resp) if resp.is_success() => serde_json::from_slice(&resp.body).ok(),
+                    _ => None,
+                };
+                ModelInfo::parse(&metadata, config.as_ref()).ok_or_else(|| VlmError::Protocol {
+                    backend: VlmBackend::Triton,
+                    url: url.to_string(),
+                    message: "the model metadata has no name and inputs".to_owned(),
+                })
+            })
+            .await
+    }
+
+    /// Loads the request's images, builds the generate body for the model.
+    async fn prepare(
+        &self,
+        request: &VlmRequest,
+        stream: bool,
+    ) -> Result<(String, generate::Generate), VlmError> {
+        request.validate()?;
+        let model = self.model_name().await?;
+        let info = self.model_info(&model).await?;
+        let mut images = Vec::with_capacity(request.images.len());
+        for image in &request.images {
+            images.push(image.load(self.max_image_bytes).await?);
+        }
+        let body = generate::body(
+            info,
+            request,
+            &images,
+            self.prompt_template.as_deref(),
+            stream,
+        )?;
+        Ok((model, body))
     }
 
     /// `{root}/v2/models/{model}[/{suffix}]`, the model name as one path segment, under the
@@ -300,20 +391,113 @@ impl VlmClient for TritonClient {
                 reason: format!("GET {} answered {status}: {message}", url.path()),
             },
         };
+        if report.is_ready()
+            && let Ok(info) = self.model_info(&model).await
+        {
+            report.image_input = Some(info.image.describe());
+        }
         Ok(report)
     }
 
-    async fn infer_single(&self, _request: &VlmRequest) -> Result<VlmResponse, VlmError> {
-        Err(VlmError::Unsupported {
-            backend: VlmBackend::Triton,
-            message: INFERENCE_GUIDANCE.to_owned(),
-        })
+    async fn image_support(&self) -> Result<(), VlmError> {
+        let Some(model) = self.model.get().map(str::to_owned) else {
+            // No model known: only Triton's OpenAI frontend can be told apart already.
+            let url = self.transport.root_endpoint("v2/health/live");
+            if let Ok(resp) = self.transport.get(&url, Auth::None, Budget::Health).await
+                && Self::is_openai_frontend(&resp)
+            {
+                return Err(VlmError::Unsupported {
+                    backend: VlmBackend::Triton,
+                    message: OPENAI_FRONTEND_GUIDANCE.to_owned(),
+                });
+            }
+            return Ok(());
+        };
+        match &self.model_info(&model).await?.image {
+            ImageWay::Unsupported(why) => Err(VlmError::Unsupported {
+                backend: VlmBackend::Triton,
+                message: why.clone(),
+            }),
+            _ => Ok(()),
+        }
     }
 
-    async fn infer_stream(&self, _request: &VlmRequest) -> Result<VlmStream, VlmError> {
-        Err(VlmError::Unsupported {
+    async fn infer_single(&self, request: &VlmRequest) -> Result<VlmResponse, VlmError> {
+        let (model, generate) = self.prepare(request, false).await?;
+        let url = self.model_route(&model, "generate");
+        let started = Instant::now();
+        let resp = self
+            .transport
+            .post_json_with_retries(&url, generate.body.to_string().into())
+            .await?;
+        if !resp.is_success() {
+            return Err(self.transport.http_error(&resp));
+        }
+        let clean = self.transport.server_text();
+        let reply: Value = serde_json::from_slice(&resp.body).map_err(|e| VlmError::Protocol {
             backend: VlmBackend::Triton,
-            message: INFERENCE_GUIDANCE.to_owned(),
-        })
+            url: url.to_string(),
+            message: clean.clean(&format!("the generate reply is not JSON ({e})"), 400),
+        })?;
+        let (text, finish_reason, usage) = generate::answer(&reply, &generate, clean)?;
+        if text.trim().is_empty() {
+            return Err(VlmError::empty_answer(
+                VlmBackend::Triton,
+                finish_reason.as_deref(),
+                0,
+            ));
+        }
+        let mut answer = VlmResponse::new(
+            VlmBackend::Triton,
+            reply
+                .get("model_name")
+                .and_then(Value::as_str)
+                .map_or(model, |m| clean.redact(m).into_owned()),
+            text,
+        );
+        answer.finish_reason = finish_reason;
+        answer.usage = usage;
+        answer.latency = started.elapsed();
+        Ok(answer)
+    }
+
+    async fn infer_stream(&self, request: &VlmRequest) -> Result<VlmStream, VlmError> {
+        let model = self.model_name().await?;
+        if !self.model_info(&model).await?.decoupled {
+            // A model that is not decoupled answers once: the whole answer, as one event.
+            tracing::debug!(
+                "model {model:?} is not decoupled: streaming through /generate, the whole answer at once"
+            );
+            let answer = self.infer_single(request).await?;
+            let mut events = vec![Ok(StreamEvent::Text(answer.text))];
+            if let Some(finish) = answer.finish_reason {
+                events.push(Ok(StreamEvent::Finish(finish)));
+            }
+            if let Some(usage) = answer.usage {
+                events.push(Ok(StreamEvent::Usage(usage)));
+            }
+            return Ok(Box::pin(futures_util::stream::iter(events)));
+        }
+        let (model, generate) = self.prepare(request, true).await?;
+        let url = self.model_route(&model, "generate_stream");
+        let timeout = self.transport.timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let resp = self
+            .transport
+            .post_json_streaming(&url, generate.body.to_string().into(), timeout)
+            .await?;
+        Ok(sse_events(
+            StreamContext {
+                parse: generate::stream_chunk,
+                end_is_done: true,
+                backend: VlmBackend::Triton,
+                url: url.to_string(),
+                chunk_timeout: timeout,
+                total_timeout: timeout,
+                deadline,
+                clean: self.transport.server_text().clone(),
+            },
+            resp.bytes_stream(),
+        ))
     }
 }

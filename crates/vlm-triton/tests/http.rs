@@ -175,39 +175,86 @@ async fn without_a_model_the_only_ready_one_in_the_repository_is_checked() {
 }
 
 #[tokio::test]
-async fn inference_is_unsupported_with_actionable_guidance() {
+async fn generate_sends_only_the_models_inputs_and_reads_its_answer_and_errors() {
     let server = MockServer::start_async().await;
-    let any = server
+    server
         .mock_async(|when, then| {
-            when.any_request();
-            then.status(200);
+            when.method(GET).path("/v2/models/ensemble");
+            then.status(200).json_body(json!({
+                "name": "ensemble", "versions": ["1"], "platform": "ensemble",
+                "inputs": [
+                    {"name": "text_input", "datatype": "BYTES", "shape": [-1, 1]},
+                    {"name": "max_tokens", "datatype": "INT32", "shape": [-1, 1]},
+                    {"name": "image_url_input", "datatype": "BYTES", "shape": [-1, 1]}],
+                "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1, -1]}]
+            }));
+        })
+        .await;
+    server
+        .mock_async(|when, then| {
+            when.method(GET).path("/v2/models/ensemble/config");
+            then.status(200)
+                .json_body(json!({"name": "ensemble", "platform": "ensemble"}));
+        })
+        .await;
+    // Exactly this body: no temperature (not an input), max_tokens as an integer.
+    let generate = server
+        .mock_async(|when, then| {
+            when.method(POST)
+                .path("/v2/models/ensemble/generate")
+                .json_body(json!({"text_input": "describe", "max_tokens": 40}));
+            then.status(200).json_body(json!({
+                "model_name": "ensemble", "model_version": "1",
+                "text_output": ["describe A warm cast."]
+            }));
+        })
+        .await;
+    let request = VlmRequest::builder("describe")
+        .max_tokens(40)
+        .temperature(0.3)
+        .build()
+        .unwrap();
+    let answer = client(&server, Some("ensemble"))
+        .infer_single(&request)
+        .await
+        .unwrap();
+    assert_eq!(answer.text, "A warm cast.", "the echoed prompt is cut");
+    assert_eq!(answer.model, "ensemble");
+    generate.assert_calls_async(1).await;
+
+    // Triton's own error body, with the server's words.
+    let server = MockServer::start_async().await;
+    server
+        .mock_async(|when, then| {
+            when.method(GET).path("/v2/models/ensemble");
+            then.status(200)
+                .json_body(json!({"name": "ensemble", "inputs": [
+                {"name": "text_input", "datatype": "BYTES", "shape": [-1, 1]}]}));
+        })
+        .await;
+    server
+        .mock_async(|when, then| {
+            when.method(POST).path("/v2/models/ensemble/generate");
+            then.status(400)
+                .json_body(json!({"error": "expected number of inputs between 2 and 3 but got 1 inputs for model 'ensemble'"}));
         })
         .await;
     let err = client(&server, Some("ensemble"))
-        .infer_single(&VlmRequest::builder("describe").build().unwrap())
+        .infer_single(&VlmRequest::builder("x").build().unwrap())
         .await
         .unwrap_err();
+    assert_eq!(err.status(), Some(400));
     assert!(
-        matches!(
-            err,
-            VlmError::Unsupported {
-                backend: VlmBackend::Triton,
-                ..
-            }
-        ),
-        "{err:?}"
+        err.to_string().contains("expected number of inputs"),
+        "{err}"
     );
-    let msg = err.to_string();
-    for needle in [
-        "not implemented yet",
-        "trtllm-serve <model>",
-        "--vlm-backend openai",
-        "port 9000",
-        "image_url_input",
-    ] {
-        assert!(msg.contains(needle), "{needle}: {msg}");
-    }
-    any.assert_calls_async(0).await;
+    assert!(matches!(
+        err,
+        VlmError::Http {
+            backend: VlmBackend::Triton,
+            ..
+        }
+    ));
 }
 
 #[tokio::test]

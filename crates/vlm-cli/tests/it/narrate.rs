@@ -74,8 +74,63 @@ async fn narrates_the_samples_through_vllm_and_lmdeploy() {
 
 #[cfg(feature = "triton")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn triton_checks_health_warns_and_exits_4_with_a_working_alternative() {
-    let e = emulator(VlmBackend::Triton).await;
+async fn triton_narrates_through_the_generate_extension_each_record_its_own_image() {
+    use vlm_testkit::TritonModel;
+    for (kind, template) in [
+        (TritonModel::MultimodalEnsemble, None),
+        (TritonModel::VllmBackend, Some("<|image|>{prompt}")),
+    ] {
+        let e = Emulator::start(
+            EmulatorConfig::new(VlmBackend::Triton)
+                .with_model("vlm")
+                .with_triton_model(kind),
+        )
+        .await
+        .unwrap();
+        let dir = workdir();
+        let mut cmd = vlm(&dir);
+        cmd.args([
+            "narrate",
+            "images",
+            "--vlm-backend",
+            "triton",
+            "--vlm-base-url",
+            &e.base_url(),
+        ]);
+        if let Some(t) = template {
+            cmd.args(["--prompt-template", t]);
+        }
+        let out = run(cmd).await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{kind:?}: {err}");
+        assert!(err.contains("🤖 VLM: triton/vlm"), "{err}");
+        let recs = records(&String::from_utf8(out.stdout).unwrap());
+        assert_eq!(recs.len(), 5, "{kind:?}");
+        for r in &recs {
+            let path = r["path"].as_str().unwrap();
+            let text = r["text"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{kind:?}: {r}"));
+            // The answer for its own image, with no echoed prompt in front.
+            let prefix = sha256_prefix(&dir.join(path));
+            assert!(
+                text.starts_with("[emulator]") && text.ends_with(&format!("sha256 {prefix}")),
+                "{kind:?} {path}: {text}"
+            );
+        }
+    }
+}
+
+#[cfg(feature = "triton")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triton_models_that_cannot_take_images_exit_4_with_the_reason() {
+    let e = Emulator::start(
+        EmulatorConfig::new(VlmBackend::Triton)
+            .with_model("text")
+            .with_triton_model(vlm_testkit::TritonModel::TextOnly),
+    )
+    .await
+    .unwrap();
     let dir = workdir();
     let mut cmd = vlm(&dir);
     cmd.args([
@@ -91,30 +146,17 @@ async fn triton_checks_health_warns_and_exits_4_with_a_working_alternative() {
     let out = run(cmd).await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(4), "{err}");
-    assert!(err.contains("stub"), "{err}");
     assert!(
-        err.contains("state: ready"),
-        "the real health report is printed: {err}"
-    );
-    assert!(
-        err.contains("trtllm-serve") && err.contains("--vlm-backend openai"),
+        err.contains("state: ready") && err.contains("text-only"),
         "{err}"
     );
-    let paths: Vec<String> = e.requests().iter().map(|r| r.path.clone()).collect();
-    assert!(
-        paths.contains(&"/v2/health/live".to_owned())
-            && paths.contains(&"/v2/models/test-model/ready".to_owned()),
-        "{paths:?}"
-    );
     assert!(!dir.join("out.jsonl").exists(), "no output is opened");
+    assert!(!e.requests().iter().any(|r| r.path.ends_with("/generate")));
 
-    // The same with no Triton running at all.
-    drop(e);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Triton's OpenAI frontend (FastAPI's 404 on /v2): text-only, exit 4.
+    let frontend = Emulator::start(EmulatorConfig::new(VlmBackend::OpenAi))
+        .await
+        .unwrap();
     let mut cmd = vlm(&dir);
     cmd.args([
         "narrate",
@@ -122,16 +164,12 @@ async fn triton_checks_health_warns_and_exits_4_with_a_working_alternative() {
         "--vlm-backend",
         "triton",
         "--vlm-base-url",
-        &format!("http://127.0.0.1:{port}"),
+        &frontend.root_url(),
     ]);
     let out = run(cmd).await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(4), "{err}");
-    assert!(
-        err.contains("state: unreachable") && err.contains("trtllm-serve"),
-        "{err}"
-    );
-    assert!(out.stdout.is_empty());
+    assert!(err.contains("OpenAI-compatible frontend"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

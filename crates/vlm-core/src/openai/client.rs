@@ -279,6 +279,8 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
             .await?;
         Ok(sse_events(
             StreamContext {
+                parse: crate::stream::openai_chunk,
+                end_is_done: false,
                 backend: self.inner.transport.backend(),
                 url: url.to_string(),
                 chunk_timeout: timeout,
