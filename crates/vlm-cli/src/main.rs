@@ -25,7 +25,7 @@ pub enum Exit {
     Usage = 2,
     /// The server is unreachable or unhealthy at the pre-flight check.
     Server = 3,
-    /// Unsupported: the Triton inference stub.
+    /// Unsupported: the model cannot take images from this client.
     Unsupported = 4,
     /// A record could not be written (disk full, I/O error): the run stopped.
     Output = 5,
@@ -80,7 +80,9 @@ const EXIT_CODES: &str = "Exit codes:
   2    usage or configuration error (unknown backend, backend not compiled in, bad --config,
        output exists without --resume/--overwrite, output in use by another run)
   3    server unreachable or unhealthy at the pre-flight check
-  4    unsupported: Triton inference is a stub (health is checked for real first)
+  4    unsupported: the model cannot take images from this client (a Triton model that wants
+       preprocessed pixels, a text-only one, Triton's OpenAI frontend); the health report and
+       what to run instead are printed, before --output is opened
   5    the output could not be written (disk full, I/O error): the run stopped; the records
        written are whole lines, and --resume finishes the job once the cause is fixed
   130  interrupted (Ctrl-C)";

@@ -123,6 +123,55 @@ async fn triton_narrates_through_the_generate_extension_each_record_its_own_imag
 
 #[cfg(feature = "triton")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triton_streams_through_generate_stream_or_whole_when_not_decoupled() {
+    use vlm_testkit::TritonModel;
+    for (kind, template) in [
+        (TritonModel::VllmBackend, Some("<|image|>{prompt}")),
+        (TritonModel::MultimodalEnsemble, None),
+    ] {
+        let e = Emulator::start(
+            EmulatorConfig::new(VlmBackend::Triton)
+                .with_model("vlm")
+                .with_triton_model(kind),
+        )
+        .await
+        .unwrap();
+        let dir = workdir();
+        let mut cmd = vlm(&dir);
+        cmd.args([
+            "narrate",
+            "images/sepia_portrait.jpg",
+            "--stream",
+            "-o",
+            "out.jsonl",
+            "--vlm-backend",
+            "triton",
+            "--vlm-base-url",
+            &e.base_url(),
+        ]);
+        if let Some(t) = template {
+            cmd.args(["--prompt-template", t]);
+        }
+        let out = run(cmd).await;
+        assert_eq!(out.status.code(), Some(0), "{kind:?}: {}", stderr(&out));
+        let printed = String::from_utf8(out.stdout).unwrap();
+        assert!(printed.starts_with("[emulator] "), "{kind:?}: {printed}");
+        let recs = records(&std::fs::read_to_string(dir.join("out.jsonl")).unwrap());
+        assert_eq!(recs[0]["text"].as_str().unwrap(), printed.trim_end());
+        let route = if kind == TritonModel::VllmBackend {
+            "/generate_stream"
+        } else {
+            "/generate"
+        };
+        assert!(
+            e.requests().iter().any(|r| r.path.ends_with(route)),
+            "{kind:?}"
+        );
+    }
+}
+
+#[cfg(feature = "triton")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn triton_models_that_cannot_take_images_exit_4_with_the_reason() {
     let e = Emulator::start(
         EmulatorConfig::new(VlmBackend::Triton)

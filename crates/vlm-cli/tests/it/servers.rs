@@ -83,9 +83,6 @@ async fn auto_names_the_backend_it_found_in_health_and_narrate() {
             detected.starts_with(&format!("detected: {name} from GET /")),
             "{text}"
         );
-        if name == "triton" {
-            continue; // Triton does not infer yet.
-        }
         let mut cmd = vlm(&dir);
         cmd.args([
             "narrate",
