@@ -192,6 +192,18 @@ struct State<S> {
 }
 
 impl<S> State<S> {
+    /// Ends the stream; an answer that never had text is an error, not a success.
+    fn finish_stream(&mut self) -> Option<VlmError> {
+        self.done = true;
+        (!self.text_seen).then(|| {
+            VlmError::empty_answer(
+                self.cx.backend,
+                self.finish.as_deref(),
+                self.reasoning_chars,
+            )
+        })
+    }
+
     fn take(&mut self, events: Vec<StreamEvent>) {
         for event in &events {
             match event {
@@ -288,13 +300,7 @@ where
             };
             match next {
                 None if state.cx.end_is_done => {
-                    state.done = true;
-                    if !state.text_seen {
-                        let err = VlmError::empty_answer(
-                            state.cx.backend,
-                            state.finish.as_deref(),
-                            state.reasoning_chars,
-                        );
+                    if let Some(err) = state.finish_stream() {
                         return Some((Err(err), state));
                     }
                 }
@@ -321,13 +327,7 @@ where
                 Some(Ok(event)) => {
                     match (state.cx.parse)(state.cx.backend, &event.data, &state.cx.clean) {
                         Ok(None) => {
-                            state.done = true;
-                            if !state.text_seen {
-                                let err = VlmError::empty_answer(
-                                    state.cx.backend,
-                                    state.finish.as_deref(),
-                                    state.reasoning_chars,
-                                );
+                            if let Some(err) = state.finish_stream() {
                                 return Some((Err(err), state));
                             }
                         }
