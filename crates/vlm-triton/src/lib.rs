@@ -230,7 +230,7 @@ impl TritonClient {
                 "{} answers like Triton's OpenAI frontend (FastAPI \"Not Found\" on /v2), not the \
                  KServe v2 endpoint: point --vlm-base-url at Triton's HTTP port (8000 by default); \
                  note the OpenAI frontend is text-only, for images use `trtllm-serve` with \
-                 --vlm-backend vllm",
+                 --vlm-backend openai",
                 self.transport.root_endpoint("")
             ),
         }
