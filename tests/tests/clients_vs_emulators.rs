@@ -821,3 +821,110 @@ async fn auto_detects_every_server_and_then_its_own_keys_apply() {
     let err = vlm_factory::resolve_backend(settings).await.unwrap_err();
     assert!(err.is_unreachable(), "{err:?}");
 }
+
+fn cast_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {"caption": {"type": "string"}, "score": {"type": "integer", "minimum": 0}},
+        "required": ["caption", "score"]
+    })
+}
+
+#[tokio::test]
+async fn json_answers_are_validated_asked_again_once_then_an_error_with_the_raw_text() {
+    for backend in [
+        VlmBackend::Vllm,
+        VlmBackend::LmDeploy,
+        VlmBackend::Ollama,
+        VlmBackend::OpenAi,
+    ] {
+        let e = Emulator::start(EmulatorConfig::new(backend)).await.unwrap();
+        let client = client_at(backend, &e.base_url(), Some(e.model()));
+        let request = VlmRequest::builder("Caption and score the cast.")
+            .image(ImageInput::bytes(png(8)))
+            .json_schema("cast", cast_schema())
+            .build()
+            .unwrap();
+        let answer = vlm_core::json::infer_json_value(&*client, &request, 1)
+            .await
+            .unwrap();
+        assert_eq!(answer.attempts, 1, "{backend}");
+        assert!(
+            answer.value["caption"]
+                .as_str()
+                .unwrap()
+                .starts_with("[emulator] 12x9 PNG"),
+            "{backend}: {}",
+            answer.value
+        );
+        // The schema went as response_format, the way these servers read it.
+        let sent = e.chat_requests().pop().unwrap().json.unwrap();
+        assert_eq!(sent["response_format"]["type"], "json_schema", "{backend}");
+        assert_eq!(
+            sent["response_format"]["json_schema"]["schema"],
+            cast_schema()
+        );
+
+        // Prose once: asked again with the reasons, then valid.
+        e.clear_requests();
+        e.push_fault(Fault::NotJson);
+        let answer = vlm_core::json::infer_json_value(&*client, &request, 1)
+            .await
+            .unwrap();
+        assert_eq!(answer.attempts, 2);
+        let asks = e.chat_requests();
+        assert_eq!(asks.len(), 2);
+        let second = asks[1].json.as_ref().unwrap()["messages"][0]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(second.contains("was not valid JSON"), "{second}");
+
+        // Prose twice: an error carrying the raw text and why; never a silent default.
+        e.fail_next(2, Fault::NotJson);
+        let err = vlm_core::json::infer_json_value(&*client, &request, 1)
+            .await
+            .unwrap_err();
+        match &err {
+            VlmError::InvalidJson {
+                raw,
+                reasons,
+                attempts,
+                ..
+            } => {
+                assert_eq!(*attempts, 2);
+                assert!(raw.contains("cannot give JSON") && reasons[0].contains("no JSON"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn infer_json_returns_the_type() {
+    #[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+    struct Cast {
+        caption: String,
+        score: u32,
+    }
+    let e = Emulator::start(EmulatorConfig::new(VlmBackend::Vllm))
+        .await
+        .unwrap();
+    let client = client_at(VlmBackend::Vllm, &e.base_url(), Some(e.model()));
+    let request = VlmRequest::builder("Caption and score the cast.")
+        .image(ImageInput::bytes(png(9)))
+        .build()
+        .unwrap();
+    let cast: Cast = vlm_core::json::infer_json(&*client, request.clone(), 1)
+        .await
+        .unwrap();
+    assert!(
+        cast.caption.starts_with("[emulator]") && cast.score == 0,
+        "{cast:?}"
+    );
+    e.fail_next(2, Fault::NotJson);
+    let err = vlm_core::json::infer_json::<Cast>(&*client, request, 1)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, VlmError::InvalidJson { .. }), "{err:?}");
+}

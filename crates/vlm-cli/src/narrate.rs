@@ -93,6 +93,11 @@ pub struct NarrateArgs {
     /// `emulate` feature, on by default)
     #[arg(long)]
     emulate: bool,
+    /// Ask for JSON valid for this JSON Schema (a file); the parsed answer goes in the record's
+    /// `json` key. An invalid answer is asked for again (vlm_json_retries, default 1), then is an
+    /// error record
+    #[arg(long, value_name = "FILE", conflicts_with = "stream")]
+    json_schema: Option<PathBuf>,
 }
 
 enum Outcome {
@@ -107,6 +112,9 @@ struct Job {
     temperature: f64,
     max_image_bytes: u64,
     previous: Arc<Previous>,
+    /// `--json-schema`: its name and the schema.
+    schema: Option<Arc<(String, serde_json::Value)>>,
+    json_retries: u32,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -136,6 +144,8 @@ impl Job {
             temperature: settings.temperature,
             max_image_bytes: settings.max_image_bytes,
             previous: Arc::new(previous),
+            schema: None,
+            json_retries: settings.json_retries,
         }
     }
 
@@ -150,6 +160,7 @@ impl Job {
         let (max_tokens, temperature) = (self.max_tokens, self.temperature);
         let previous = self.previous.clone();
         let client = self.client.clone();
+        let schema = self.schema.clone();
         let read = tokio::task::spawn_blocking(move || {
             let (sha256, bytes, mime) = read_and_hash(&path, &shown, max_bytes)?;
             if previous.is_done(&shown, &sha256) {
@@ -161,10 +172,14 @@ impl Job {
             }
             let data_url = encode_data_url(&bytes, mime);
             drop(bytes);
-            let request = VlmRequest::builder(&*prompt)
+            let mut builder = VlmRequest::builder(&*prompt)
                 .image(ImageInput::url(data_url))
                 .max_tokens(max_tokens)
-                .temperature(temperature)
+                .temperature(temperature);
+            if let Some(schema) = &schema {
+                builder = builder.json_schema(schema.0.clone(), schema.1.clone());
+            }
+            let request = builder
                 .build()
                 .map_err(|e| (Some(sha256.clone()), e.to_string()))?;
             Ok(Some(Prepared { sha256, request }))
@@ -198,6 +213,7 @@ impl Job {
             usage: None,
             latency_ms,
             error: Some(error),
+            json: None,
         }
     }
 
@@ -210,10 +226,16 @@ impl Job {
             }
         };
         let started = Instant::now();
-        let result = self.client.infer_single(&request).await;
+        let result = if self.schema.is_some() {
+            vlm_core::json::infer_json_value(&*self.client, &request, self.json_retries)
+                .await
+                .map(|a| (a.response, Some(a.value)))
+        } else {
+            self.client.infer_single(&request).await.map(|a| (a, None))
+        };
         let latency_ms = started.elapsed().as_millis() as u64;
         Outcome::Record(Box::new(match result {
-            Ok(answer) => Record {
+            Ok((answer, json)) => Record {
                 path: input.shown(),
                 sha256: Some(sha256),
                 backend: self.client.backend().to_string(),
@@ -223,6 +245,7 @@ impl Job {
                 usage: answer.usage,
                 latency_ms,
                 error: None,
+                json,
             },
             Err(e) => self.failure(&input, Some(sha256), e.to_string(), latency_ms),
         }))
@@ -313,6 +336,35 @@ fn read_prompt_file(file: &std::path::Path) -> Result<String, Failure> {
     String::from_utf8(bytes).map_err(|_| fail("not UTF-8 text".to_owned()))
 }
 
+/// Reads `--json-schema`: a JSON object in a small regular file; its name is the file's stem.
+fn read_schema(file: &std::path::Path) -> Result<(String, serde_json::Value), Failure> {
+    let fail = |why: String| Failure::usage(format!("--json-schema {}: {why}", file.display()));
+    let meta = std::fs::metadata(file).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    if !meta.is_file() || meta.len() > MAX_PROMPT_FILE_BYTES {
+        return Err(fail(
+            "not a regular file of at most 1 MiB; give a JSON Schema file".to_owned(),
+        ));
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let schema: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| fail(format!("not JSON: {e}")))?;
+    if !schema.is_object() {
+        return Err(fail("a JSON Schema is an object".to_owned()));
+    }
+    let problems = vlm_core::json::violations(&schema, &serde_json::Value::Null);
+    if let Some(bad) = problems
+        .iter()
+        .find(|p| p.contains("schema itself is invalid"))
+    {
+        return Err(fail(bad.clone()));
+    }
+    let name = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "answer".to_owned());
+    Ok((name, schema))
+}
+
 fn load_prompt(args: &NarrateArgs) -> Result<String, Failure> {
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
@@ -352,6 +404,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     };
     let mut settings = global.load_settings(&extra(None))?;
     let prompt = load_prompt(&args)?;
+    let schema = args.json_schema.as_deref().map(read_schema).transpose()?;
 
     // The emulator lives as long as this run.
     let _emulator = if args.emulate {
@@ -418,7 +471,8 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
         None => (Sink::Stdout, Previous::default()),
     };
     warn_about_previous(&previous, &*client);
-    let job = Job::new(&client, &prompt, &settings, previous);
+    let mut job = Job::new(&client, &prompt, &settings, previous);
+    job.schema = schema.map(Arc::new);
     if args.stream {
         let sink = args.output.is_some().then_some(sink);
         return stream_one(&job, inputs.into_iter().collect(), sink).await;
@@ -802,6 +856,8 @@ mod tests {
             temperature: 0.0,
             max_image_bytes: 64 << 20,
             previous: Arc::new(Previous::default()),
+            schema: None,
+            json_retries: 0,
         };
         // One async thread: if preparing ran on it, the ticker would stall for as long.
         let rt = tokio::runtime::Builder::new_current_thread()

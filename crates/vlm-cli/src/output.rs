@@ -45,6 +45,8 @@ pub struct Record {
     pub latency_ms: u64,
     /// Null on success, the error message otherwise.
     pub error: Option<String>,
+    /// The answer's JSON, valid for `--json-schema`; null without a schema or on error.
+    pub json: Option<serde_json::Value>,
 }
 
 impl Record {
@@ -380,6 +382,7 @@ mod tests {
             usage: None,
             latency_ms: 1,
             error: error.map(Into::into),
+            json: None,
         }
     }
 
@@ -406,6 +409,7 @@ mod tests {
             "usage",
             "latency_ms",
             "error",
+            "json",
         ];
         want.sort_unstable();
         assert_eq!(keys, want);
@@ -413,7 +417,7 @@ mod tests {
             line.starts_with(r#"{"path":"a.jpg","sha256":"ab","backend":"vllm""#),
             "{line}"
         );
-        assert!(line.ends_with("\"error\":null}\n"));
+        assert!(line.ends_with("\"error\":null,\"json\":null}\n"));
     }
 
     #[test]

@@ -103,6 +103,23 @@ pub enum VlmError {
         source: Option<BoxError>,
     },
 
+    /// A JSON answer was asked for (a JSON schema) and the answer is not valid for it, even
+    /// after asking again with the reasons.
+    #[error(
+        "the {backend} server's answer is not valid JSON for the schema after {attempts} \
+         attempt(s): {}; the answer began: {}", reasons.join("; "), crate::text::clip(raw, 300)
+    )]
+    InvalidJson {
+        /// The backend that answered.
+        backend: VlmBackend,
+        /// The last answer, as the server sent it.
+        raw: String,
+        /// Why it is not valid: not JSON at all, or each schema violation.
+        reasons: Vec<String>,
+        /// How many answers were asked for.
+        attempts: u32,
+    },
+
     /// The server answered successfully but the answer has no text (`content` null or empty).
     #[error("the {backend} server returned an empty answer: {detail}")]
     EmptyAnswer {

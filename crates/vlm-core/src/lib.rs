@@ -44,6 +44,7 @@ mod error;
 mod error_body;
 mod health;
 mod image;
+pub mod json;
 mod key;
 mod models;
 pub mod openai;

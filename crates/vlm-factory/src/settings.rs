@@ -86,6 +86,11 @@ pub const KEYS: &[KeySpec] = &[
         doc: "temperature sent with each request (>= 0)",
     },
     KeySpec {
+        key: "vlm_json_retries",
+        default: "1",
+        doc: "how many times an answer that is not valid JSON for the schema is asked for again (0 to 10)",
+    },
+    KeySpec {
         key: "vlm_prompt_template",
         default: "(none)",
         doc: "for servers that take a raw prompt (Triton): the text sent, with {prompt} where the prompt goes, e.g. \"<|image|>{prompt}\"",
@@ -583,6 +588,8 @@ pub struct VlmSettings {
     pub max_image_bytes: u64,
     /// The raw-prompt template (`vlm_prompt_template`), for Triton.
     pub prompt_template: Option<String>,
+    /// How many times an invalid JSON answer is asked for again (`vlm_json_retries`).
+    pub json_retries: u32,
     sources: BTreeMap<&'static str, Source>,
     warnings: Vec<String>,
     /// For `vlm_backend = "auto"`: the loader to run again once the backend is detected.
@@ -680,6 +687,7 @@ impl VlmSettings {
             row("vlm_max_tokens", self.max_tokens.to_string()),
             row("vlm_temperature", self.temperature.to_string()),
             row("vlm_max_image_bytes", self.max_image_bytes.to_string()),
+            row("vlm_json_retries", self.json_retries.to_string()),
             row(
                 "vlm_prompt_template",
                 self.prompt_template
@@ -886,6 +894,7 @@ fn resolve(
         100,
     )? as u32;
     let max_tokens = whole("vlm_max_tokens", 300, 1, u64::from(u32::MAX))? as u32;
+    let json_retries = whole("vlm_json_retries", 1, 0, 10)? as u32;
     let max_image_bytes = whole(
         "vlm_max_image_bytes",
         ClientConfig::DEFAULT_MAX_IMAGE_BYTES,
@@ -962,6 +971,7 @@ fn resolve(
         max_tokens,
         temperature,
         max_image_bytes,
+        json_retries,
         prompt_template,
         sources,
         warnings: Vec::new(),

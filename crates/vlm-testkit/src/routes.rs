@@ -278,6 +278,58 @@ struct ChatAsk {
     max_tokens: Option<u64>,
     stream: bool,
     include_usage: bool,
+    /// `response_format.json_schema.schema`: answer JSON valid for it.
+    schema: Option<Value>,
+}
+
+/// A value valid for a (simple) JSON Schema, its strings carrying `text`: what a model under
+/// structured-output decoding would answer.
+fn sample(schema: &Value, text: &str) -> Value {
+    if let Some(first) = schema
+        .get("enum")
+        .and_then(Value::as_array)
+        .and_then(|e| e.first())
+    {
+        return first.clone();
+    }
+    for key in ["anyOf", "oneOf", "allOf"] {
+        if let Some(first) = schema
+            .get(key)
+            .and_then(Value::as_array)
+            .and_then(|e| e.first())
+        {
+            return sample(first, text);
+        }
+    }
+    let kind = match schema.get("type") {
+        Some(Value::Array(kinds)) => kinds.first().and_then(Value::as_str).unwrap_or("string"),
+        Some(Value::String(kind)) => kind.as_str(),
+        _ if schema.get("properties").is_some() => "object",
+        _ => "string",
+    };
+    match kind {
+        "object" => Value::Object(
+            schema
+                .get("properties")
+                .and_then(Value::as_object)
+                .map(|props| {
+                    props
+                        .iter()
+                        .map(|(k, s)| (k.clone(), sample(s, text)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        ),
+        "array" => Value::Array(vec![sample(
+            schema.get("items").unwrap_or(&Value::Null),
+            text,
+        )]),
+        "integer" => json!(schema.get("minimum").and_then(Value::as_i64).unwrap_or(7)),
+        "number" => json!(0.5),
+        "boolean" => json!(true),
+        "null" => Value::Null,
+        _ => Value::String(text.to_owned()),
+    }
 }
 
 async fn chat(shared: &Shared, record: &RecordedRequest, body: &Bytes) -> Resp {
@@ -315,6 +367,7 @@ async fn chat(shared: &Shared, record: &RecordedRequest, body: &Bytes) -> Resp {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    let mut not_json = false;
     match fault {
         Some(Fault::Status {
             status,
@@ -358,6 +411,7 @@ async fn chat(shared: &Shared, record: &RecordedRequest, body: &Bytes) -> Resp {
                 None,
             );
         }
+        Some(Fault::NotJson) => not_json = true,
         Some(Fault::DropMidBody) => return dropped_mid_body(),
         Some(Fault::StallAfterHeaders(status)) => return stalled(status),
         Some(Fault::FinishReasonError(message)) => {
@@ -384,6 +438,13 @@ async fn chat(shared: &Shared, record: &RecordedRequest, body: &Bytes) -> Resp {
         )
     } else {
         format!("[emulator] {}", descriptions.join(" | "))
+    };
+    // Under a JSON schema the answer is JSON valid for it (its strings carry the description);
+    // a NotJson fault answers prose instead, as an unconstrained model may.
+    let answer = match (&ask.schema, not_json) {
+        (Some(_), true) => "I cannot give JSON, but the cast is warm.".to_owned(),
+        (Some(schema), false) => sample(schema, &answer).to_string(),
+        (None, _) => answer,
     };
     // One "token" per word: enough to exercise max_tokens and finish_reason "length".
     let words: Vec<&str> = answer.split_inclusive(' ').collect();
@@ -640,6 +701,12 @@ fn validate(shared: &Shared, json: &Value) -> Result<ChatAsk, Resp> {
         max_tokens,
         stream,
         include_usage,
+        schema: obj
+            .get("response_format")
+            .filter(|f| f.get("type").and_then(Value::as_str) == Some("json_schema"))
+            .and_then(|f| f.get("json_schema"))
+            .and_then(|j| j.get("schema"))
+            .cloned(),
     })
 }
 

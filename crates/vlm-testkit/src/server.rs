@@ -208,6 +208,9 @@ pub enum Fault {
     /// Answer 401 with an error message that echoes the request's `Authorization` header, as
     /// some proxies do.
     EchoAuthorization,
+    /// Under a JSON schema, answer prose instead of JSON (a model without constrained
+    /// decoding); without a schema, answer as usual.
+    NotJson,
 }
 
 impl Fault {

@@ -53,6 +53,20 @@ impl OpenAiServer for Vllm {
     // vLLM's `model` is optional: while unknown, it is left out and the server uses its model.
     const REQUIRES_MODEL: bool = false;
 
+    // vLLM >= 0.12 reads structured-output constraints from `response_format` (or
+    // `structured_outputs`) and drops the old `guided_*` fields without a word.
+    fn ignored_fields(&self) -> &'static [(&'static str, &'static str)] {
+        &[
+            (
+                "guided_json",
+                "`response_format` with a json_schema (VlmRequestBuilder::json_schema)",
+            ),
+            ("guided_regex", "`structured_outputs` {\"regex\": ...}"),
+            ("guided_choice", "`structured_outputs` {\"choice\": [...]}"),
+            ("guided_grammar", "`structured_outputs` {\"grammar\": ...}"),
+        ]
+    }
+
     async fn liveness(
         &self,
         transport: &Transport,

@@ -551,3 +551,71 @@ async fn resuming_with_another_backend_or_model_is_warned_about() {
     // The image done by the other backend is not redone: same path, same bytes, a success.
     assert_eq!(lmdeploy.chat_requests().len(), 4);
 }
+
+#[cfg(feature = "vllm")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_schema_puts_each_images_parsed_answer_in_its_record() {
+    let e = emulator(VlmBackend::Vllm).await;
+    let dir = workdir();
+    std::fs::write(
+        dir.join("cast.json"),
+        r#"{"type":"object","properties":{"caption":{"type":"string"},"toned":{"type":"boolean"}},"required":["caption","toned"]}"#,
+    )
+    .unwrap();
+    e.push_fault(vlm_testkit::Fault::NotJson); // one prose answer: asked again
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--json-schema",
+        "cast.json",
+        "--concurrency",
+        "1",
+        "--vlm-base-url",
+        &e.base_url(),
+    ]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("not valid JSON for the schema"),
+        "the retry is logged: {err}"
+    );
+    let recs = records(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(recs.len(), 5);
+    for r in &recs {
+        let prefix = sha256_prefix(&dir.join(r["path"].as_str().unwrap()));
+        let caption = r["json"]["caption"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{r}"));
+        assert!(caption.ends_with(&format!("sha256 {prefix}")), "{caption}");
+        assert_eq!(r["json"]["toned"], true);
+    }
+    assert_eq!(e.chat_requests().len(), 6);
+
+    // Without a schema the key is there, null.
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images/sepia_portrait.jpg",
+        "--vlm-base-url",
+        &e.base_url(),
+    ]);
+    let out = run(cmd).await;
+    let recs = records(&String::from_utf8(out.stdout).unwrap());
+    assert!(recs[0]["json"].is_null() && recs[0].get("json").is_some());
+
+    // A schema file that is not JSON is a usage error before anything is sent.
+    std::fs::write(dir.join("bad.json"), "{not json").unwrap();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--json-schema",
+        "bad.json",
+        "--vlm-base-url",
+        &e.base_url(),
+    ]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}

@@ -71,6 +71,27 @@ pub trait OpenAiServer: Send + Sync + fmt::Debug + Default + 'static {
         let _ = mime;
         Ok(())
     }
+
+    /// Request fields this server accepts and silently drops, each with what it reads instead:
+    /// sending one is warned about once (request linting).
+    fn ignored_fields(&self) -> &'static [(&'static str, &'static str)] {
+        &[]
+    }
+}
+
+/// Warns once per process and field that the server drops it.
+fn lint(backend: VlmBackend, field: &str, instead: &str) {
+    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let key = format!("{backend}/{field}");
+    if !warned.contains(&key) {
+        tracing::warn!(
+            "the {backend} server silently drops the request field {field:?}; it reads {instead}"
+        );
+        warned.push(key);
+    }
 }
 
 /// The server's naming rules, as the model check wants them.
@@ -204,6 +225,11 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
         options: PayloadOptions<'_>,
     ) -> Result<Vec<u8>, VlmError> {
         request.validate()?;
+        for (field, instead) in self.inner.server.ignored_fields() {
+            if request.extra.contains_key(*field) {
+                lint(S::BACKEND, field, instead);
+            }
+        }
         let mut images = Vec::with_capacity(request.images.len());
         for image in &request.images {
             let loaded = image.load(self.inner.max_image_bytes).await?;
