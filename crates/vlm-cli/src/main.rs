@@ -6,6 +6,7 @@ mod emulate;
 mod files;
 mod narrate;
 mod output;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -238,6 +239,9 @@ enum Command {
     /// Narrate images (files or folders): one JSON line per image
     #[command(after_help = narrate::AFTER_HELP)]
     Narrate(narrate::NarrateArgs),
+    /// Answer a file of requests in the OpenAI Batch format (one JSON line each), writing the
+    /// Batch output format: one line per request, in completion order
+    Run(run::RunArgs),
     /// Check the configured server and print why it is or is not ready (exit 3 if not)
     Health(commands::HealthArgs),
     /// List the backends: compiled in, default URL, configured URL/model, and with --check health
@@ -355,6 +359,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Narrate(args) => narrate::run(&cli.global, args).await,
+            Command::Run(args) => run::run(&cli.global, args).await,
             Command::Health(args) => commands::health(&cli.global, args).await,
             Command::Backends(args) => commands::backends(&cli.global, args).await,
             Command::Config => commands::config(&cli.global),

@@ -699,13 +699,13 @@ fn summarise(tally: &Tally, total: usize, elapsed: f64, sink: &Sink) {
 }
 
 /// SIGINT (Ctrl-C) as a stream of events.
-struct Interrupts {
+pub(crate) struct Interrupts {
     #[cfg(unix)]
     signal: Option<tokio::signal::unix::Signal>,
 }
 
 impl Interrupts {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         #[cfg(unix)]
         {
             Interrupts {
@@ -719,7 +719,7 @@ impl Interrupts {
         }
     }
 
-    async fn next(&mut self) {
+    pub(crate) async fn next(&mut self) {
         #[cfg(unix)]
         {
             match &mut self.signal {

@@ -78,14 +78,18 @@ impl Sink {
     /// file is cut back so the output still ends with a whole line (where the file system
     /// allows it; otherwise `--resume` cuts the torn line).
     pub fn write(&mut self, record: &Record) -> std::io::Result<()> {
-        let line = record.to_line()?;
+        self.write_line(&record.to_line()?)
+    }
+
+    /// Writes one line (newline included) as [`write`](Self::write) does.
+    pub fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
         match self {
             Sink::Stdout => {
                 let mut out = std::io::stdout().lock();
-                out.write_all(&line)?;
+                out.write_all(line)?;
                 out.flush()
             }
-            Sink::File { file, end, .. } => match file.write_all(&line) {
+            Sink::File { file, end, .. } => match file.write_all(line) {
                 Ok(()) => {
                     *end += line.len() as u64;
                     Ok(())
@@ -164,6 +168,31 @@ fn sha_bytes(hex: &str) -> Option<[u8; 32]> {
         out[i] = u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()?;
     }
     Some(out)
+}
+
+/// What resuming reads from an existing output, line by line.
+pub trait Resumable: Default {
+    /// Takes one whole line (newline removed) into account.
+    fn add_line(&mut self, line: &[u8]);
+    /// Counts a line far too long to be a record (left in place).
+    fn add_bad_line(&mut self);
+    /// The bytes of a torn last line that were cut, and whether a byte-order mark was found.
+    fn ended(&mut self, torn_bytes: u64, had_bom: bool);
+}
+
+impl Resumable for Previous {
+    fn add_line(&mut self, line: &[u8]) {
+        Previous::add_line(self, line);
+    }
+
+    fn add_bad_line(&mut self) {
+        self.bad_lines += 1;
+    }
+
+    fn ended(&mut self, torn_bytes: u64, had_bom: bool) {
+        self.torn_bytes = torn_bytes;
+        self.had_bom = had_bom;
+    }
 }
 
 impl Previous {
@@ -247,7 +276,11 @@ fn refuse_contents(path: &Path, resume: bool, overwrite: bool) -> Result<(), Fai
 
 /// Opens the output as `--resume` / `--overwrite` say, holding an exclusive lock on it for the
 /// rest of the run: a second run on the same output is refused (exit 2) whatever its flags.
-pub fn open(path: &Path, resume: bool, overwrite: bool) -> Result<(Sink, Previous), Failure> {
+pub fn open<P: Resumable>(
+    path: &Path,
+    resume: bool,
+    overwrite: bool,
+) -> Result<(Sink, P), Failure> {
     let io = |what: &str, e: std::io::Error| {
         Failure::usage(format!("cannot {what} {}: {e}", path.display()))
     };
@@ -274,7 +307,7 @@ pub fn open(path: &Path, resume: bool, overwrite: bool) -> Result<(Sink, Previou
     let previous = if resume {
         read_previous(&mut file, path).map_err(|e| io("read", e))?
     } else {
-        Previous::default()
+        P::default()
     };
     let end = file.seek(SeekFrom::End(0)).map_err(|e| io("read", e))?;
     let sink = Sink::File {
@@ -288,13 +321,14 @@ pub fn open(path: &Path, resume: bool, overwrite: bool) -> Result<(Sink, Previou
 /// Reads the records line by line (memory stays flat however long the file), cutting a torn
 /// last line (one with no newline) back to the last newline, and overwriting a leading UTF-8
 /// byte-order mark with spaces (JSON allows leading white space).
-fn read_previous(file: &mut File, path: &Path) -> std::io::Result<Previous> {
+fn read_previous<P: Resumable>(file: &mut File, path: &Path) -> std::io::Result<P> {
     file.seek(SeekFrom::Start(0))?;
-    let mut previous = Previous::default();
+    let mut previous = P::default();
     let mut reader = BufReader::with_capacity(64 * 1024, &*file);
     let mut line = Vec::new();
     let mut whole = 0u64; // bytes of whole lines read
     let mut first = true;
+    let (mut torn_bytes, mut had_bom) = (0u64, false);
     loop {
         line.clear();
         let n = (&mut reader)
@@ -305,38 +339,39 @@ fn read_previous(file: &mut File, path: &Path) -> std::io::Result<Previous> {
         }
         if line.last() != Some(&b'\n') {
             if n < MAX_LINE_BYTES {
-                previous.torn_bytes = n;
+                torn_bytes = n;
                 break;
             }
             // Far too long for a record: skip the rest of it, left in place.
             let rest = skip_line(&mut reader)?;
             if rest.1 {
                 whole += n + rest.0;
-                previous.bad_lines += 1;
+                previous.add_bad_line();
                 continue;
             }
-            previous.torn_bytes = n + rest.0;
+            torn_bytes = n + rest.0;
             break;
         }
         whole += n;
-        let mut content = &line[..];
+        let mut content = &line[..line.len() - 1];
         if first && let Some(rest) = content.strip_prefix(BOM) {
-            previous.had_bom = true;
+            had_bom = true;
             content = rest;
         }
         first = false;
         previous.add_line(content);
     }
     drop(reader);
-    if previous.torn_bytes > 0 {
+    if torn_bytes > 0 {
         file.set_len(whole)?;
     }
-    if previous.had_bom {
+    if had_bom {
         // The file is opened for appending (writes at an offset would append): another handle
         // writes the three spaces in place.
         let mut writer = OpenOptions::new().write(true).open(path)?;
         writer.write_all(b"   ")?;
     }
+    previous.ended(torn_bytes, had_bom);
     Ok(previous)
 }
 
@@ -446,10 +481,10 @@ mod tests {
         std::fs::write(&path, &content).unwrap();
 
         assert_eq!(
-            open(&path, false, false).err().unwrap().exit,
+            open::<Previous>(&path, false, false).err().unwrap().exit,
             crate::Exit::Usage
         );
-        let (sink, previous) = open(&path, true, false).unwrap();
+        let (sink, previous): (_, Previous) = open(&path, true, false).unwrap();
         assert!(previous.is_done("a.jpg", SHA_A));
         assert!(!previous.is_done("a.jpg", SHA_C));
         assert!(
@@ -474,7 +509,7 @@ mod tests {
         content.extend_from_slice(line(&record("a.jpg", SHA_A, None)).as_bytes());
         content.extend_from_slice(line(&record("b.jpg", SHA_B, None)).as_bytes());
         std::fs::write(&path, &content).unwrap();
-        let (sink, previous) = open(&path, true, false).unwrap();
+        let (sink, previous): (_, Previous) = open(&path, true, false).unwrap();
         drop(sink);
         assert!(previous.had_bom);
         assert_eq!(previous.bad_lines, 0);
@@ -493,9 +528,9 @@ mod tests {
     fn a_second_opener_is_refused_while_the_first_holds_the_lock() {
         let path = temp("lock");
         let _ = std::fs::remove_file(&path);
-        let (first, _) = open(&path, false, false).unwrap();
+        let (first, _) = open::<Previous>(&path, false, false).unwrap();
         for (resume, overwrite) in [(false, false), (true, false), (false, true)] {
-            let err = open(&path, resume, overwrite).err().unwrap();
+            let err = open::<Previous>(&path, resume, overwrite).err().unwrap();
             assert_eq!(err.exit, crate::Exit::Usage);
             assert!(
                 err.message.contains("another vlm run") && err.message.contains("lock"),
@@ -504,7 +539,10 @@ mod tests {
             );
         }
         drop(first);
-        assert!(open(&path, true, false).is_ok(), "free again once closed");
+        assert!(
+            open::<Previous>(&path, true, false).is_ok(),
+            "free again once closed"
+        );
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -106,6 +106,8 @@ pub struct VlmRequest {
     /// (e.g. vLLM's `top_k`, `repetition_penalty`). Unknown fields are ignored by both vLLM
     /// and LMDeploy.
     pub extra: Map<String, Value>,
+    /// The model for this request only; the client's model when `None`.
+    pub model: Option<String>,
 }
 
 impl VlmRequest {
@@ -123,6 +125,7 @@ impl VlmRequest {
                 seed: None,
                 response_format: None,
                 extra: Map::new(),
+                model: None,
             },
         }
     }
@@ -171,6 +174,13 @@ pub struct VlmRequestBuilder {
 }
 
 impl VlmRequestBuilder {
+    /// The model for this request only (a batch line's `model`); the client's otherwise.
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        let model = model.into();
+        self.request.model = (!model.trim().is_empty()).then_some(model);
+        self
+    }
+
     /// Sets the system prompt.
     pub fn system_prompt(mut self, text: impl Into<String>) -> Self {
         self.request.system_prompt = Some(text.into());

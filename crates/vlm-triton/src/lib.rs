@@ -150,6 +150,12 @@ impl TritonClient {
     ) -> Result<(String, generate::Generate), VlmError> {
         request.validate()?;
         let model = self.model_name().await?;
+        if let Some(asked) = request.model.as_deref().filter(|m| *m != model) {
+            return Err(VlmError::config(format!(
+                "this Triton client serves model {model:?}; a request for {asked:?} needs a client \
+                 for that model (--vlm-model {asked})"
+            )));
+        }
         let info = self.model_info(&model).await?;
         let mut images = Vec::with_capacity(request.images.len());
         for image in &request.images {

@@ -5,6 +5,7 @@
     allow(unused_imports, dead_code)
 )]
 
+mod batch;
 mod hostile;
 mod narrate;
 mod reliability;

@@ -424,7 +424,10 @@ impl<S: OpenAiServer> VlmClient for OpenAiCompatible<S> {
     }
 
     async fn infer_single(&self, request: &VlmRequest) -> Result<VlmResponse, VlmError> {
-        let model = self.model_to_send().await?;
+        let model = match &request.model {
+            Some(model) => Some(model.clone()),
+            None => self.model_to_send().await?,
+        };
         let response = self.chat(request, model.as_deref()).await?;
         if model.is_none() && !response.model.is_empty() {
             self.inner.model.adopt(&response.model);
@@ -433,7 +436,10 @@ impl<S: OpenAiServer> VlmClient for OpenAiCompatible<S> {
     }
 
     async fn infer_stream(&self, request: &VlmRequest) -> Result<VlmStream, VlmError> {
-        let model = self.model_to_send().await?;
+        let model = match &request.model {
+            Some(model) => Some(model.clone()),
+            None => self.model_to_send().await?,
+        };
         self.chat_stream(request, model.as_deref()).await
     }
 }
