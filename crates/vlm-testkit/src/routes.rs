@@ -284,7 +284,7 @@ struct ChatAsk {
 
 /// A value valid for a (simple) JSON Schema, its strings carrying `text`: what a model under
 /// structured-output decoding would answer.
-fn sample(schema: &Value, text: &str) -> Value {
+pub(crate) fn sample(schema: &Value, text: &str) -> Value {
     if let Some(first) = schema
         .get("enum")
         .and_then(Value::as_array)

@@ -321,6 +321,8 @@ struct Ask {
     max_tokens: usize,
     echo: bool,
     stream: bool,
+    /// The vLLM backend's `structured_outputs.json`: answer JSON valid for it.
+    schema: Option<Value>,
 }
 
 /// The kind's own rules over the parsed tensors.
@@ -352,6 +354,7 @@ fn ask(shared: &Shared, tensors: &BTreeMap<&'static str, Vec<Value>>) -> Result<
                 max_tokens,
                 echo: true,
                 stream,
+                schema: None,
             })
         }
     }
@@ -436,6 +439,10 @@ fn vllm_ask(
         max_tokens,
         echo: exclude != Some(true),
         stream,
+        schema: sampling
+            .get("structured_outputs")
+            .and_then(|s| s.get("json"))
+            .cloned(),
     })
 }
 
@@ -458,6 +465,10 @@ fn answer(ask: &Ask) -> (Vec<String>, &'static str) {
             })
             .collect();
         format!("[emulator] {}", parts.join(" | "))
+    };
+    let text = match &ask.schema {
+        Some(schema) => crate::routes::sample(schema, &text).to_string(),
+        None => text,
     };
     let words: Vec<String> = text.split_inclusive(' ').map(str::to_owned).collect();
     if ask.max_tokens < words.len() {

@@ -9,7 +9,7 @@
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
 use vlm_core::text::{MAX_MESSAGE_BYTES, ServerText};
-use vlm_core::{LoadedImage, StreamEvent, Usage, VlmBackend, VlmError, VlmRequest};
+use vlm_core::{LoadedImage, ResponseFormat, StreamEvent, Usage, VlmBackend, VlmError, VlmRequest};
 
 use crate::model::{ImageWay, ModelInfo};
 
@@ -172,17 +172,40 @@ pub(crate) fn body(
         if let Some(seed) = request.seed {
             sampling.insert("seed".into(), json!(seed));
         }
+        // The vLLM backend reads structured-output constraints from its sampling parameters.
+        if let Some(ResponseFormat::JsonSchema { schema, .. }) = &request.response_format {
+            sampling.insert("structured_outputs".into(), json!({"json": schema}));
+        }
         body.insert(
             "sampling_parameters".into(),
             Value::String(Value::Object(sampling).to_string()),
         );
     }
-    if request.response_format.is_some() {
+    let guided = info.has("guided_decoding_guide_type", "BYTES")
+        && info.has("guided_decoding_guide", "BYTES");
+    match &request.response_format {
+        // TensorRT-LLM's guided decoding, where the ensemble has its inputs.
+        Some(ResponseFormat::JsonSchema { schema, .. }) if guided => {
+            body.insert("guided_decoding_guide_type".into(), json!("json_schema"));
+            body.insert("guided_decoding_guide".into(), json!(schema.to_string()));
+        }
+        Some(ResponseFormat::JsonSchema { .. }) if info.has("sampling_parameters", "BYTES") => {}
+        _ => {}
+    }
+    let takes_schema = guided || info.has("sampling_parameters", "BYTES");
+    if request.response_format.is_some()
+        && !(takes_schema
+            && matches!(
+                request.response_format,
+                Some(ResponseFormat::JsonSchema { .. })
+            ))
+    {
         return Err(VlmError::Unsupported {
             backend: VlmBackend::Triton,
             message: format!(
-                "model {:?} on Triton takes no structured-output input; drop the JSON schema or \
-                 use an OpenAI-compatible server",
+                "model {:?} on Triton takes no structured-output input (TensorRT-LLM's \
+                 guided_decoding_guide inputs, or the vLLM backend's sampling_parameters); drop \
+                 the JSON schema or use an OpenAI-compatible server",
                 info.name
             ),
         });
