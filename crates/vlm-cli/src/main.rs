@@ -6,6 +6,7 @@ mod emulate;
 mod files;
 mod narrate;
 mod output;
+mod resize;
 mod run;
 
 use std::path::PathBuf;

@@ -98,6 +98,10 @@ pub struct NarrateArgs {
     /// error record
     #[arg(long, value_name = "FILE", conflicts_with = "stream")]
     json_schema: Option<PathBuf>,
+    /// Shrink an image whose longer edge is larger than N pixels before sending it (JPEG, or PNG
+    /// with alpha); the record's sha256 stays the file's [setting: vlm_max_image_edge, off]
+    #[arg(long, value_name = "N")]
+    max_image_edge: Option<String>,
 }
 
 enum Outcome {
@@ -115,6 +119,8 @@ struct Job {
     /// `--json-schema`: its name and the schema.
     schema: Option<Arc<(String, serde_json::Value)>>,
     json_retries: u32,
+    /// `--max-image-edge`.
+    max_image_edge: Option<u32>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -146,6 +152,7 @@ impl Job {
             previous: Arc::new(previous),
             schema: None,
             json_retries: settings.json_retries,
+            max_image_edge: settings.max_image_edge,
         }
     }
 
@@ -161,11 +168,18 @@ impl Job {
         let previous = self.previous.clone();
         let client = self.client.clone();
         let schema = self.schema.clone();
+        let max_edge = self.max_image_edge;
         let read = tokio::task::spawn_blocking(move || {
             let (sha256, bytes, mime) = read_and_hash(&path, &shown, max_bytes)?;
             if previous.is_done(&shown, &sha256) {
                 return Ok(None);
             }
+            // Shrunk for the model when asked; the sha256 stays the file's.
+            let (bytes, mime) = match max_edge.map(|edge| crate::resize::shrink(&bytes, edge)) {
+                Some(Ok(Some(shrunk))) => shrunk,
+                Some(Err(why)) => return Err((Some(sha256), format!("image {shown}: {why}"))),
+                _ => (bytes, mime),
+            };
             // A type this server cannot take is this image's error, named by its path.
             if let Err(why) = client.check_image_type(mime) {
                 return Err((Some(sha256), format!("image {shown}: {why}")));
@@ -392,6 +406,11 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
                 "--prompt-template",
             ),
             (
+                "vlm_max_image_edge",
+                args.max_image_edge.clone(),
+                "--max-image-edge",
+            ),
+            (
                 "vlm_base_url",
                 match emulator {
                     Some(emulator) => Some(crate::emulate::base_url(emulator)),
@@ -405,6 +424,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     let mut settings = global.load_settings(&extra(None))?;
     let prompt = load_prompt(&args)?;
     let schema = args.json_schema.as_deref().map(read_schema).transpose()?;
+    crate::resize::check_available(settings.max_image_edge)?;
 
     // The emulator lives as long as this run.
     let _emulator = if args.emulate {
@@ -858,6 +878,7 @@ mod tests {
             previous: Arc::new(Previous::default()),
             schema: None,
             json_retries: 0,
+            max_image_edge: None,
         };
         // One async thread: if preparing ran on it, the ticker would stall for as long.
         let rt = tokio::runtime::Builder::new_current_thread()

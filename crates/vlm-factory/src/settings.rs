@@ -86,6 +86,11 @@ pub const KEYS: &[KeySpec] = &[
         doc: "temperature sent with each request (>= 0)",
     },
     KeySpec {
+        key: "vlm_max_image_edge",
+        default: "(off)",
+        doc: "shrink an image whose longer edge is larger than this many pixels before sending it (16 to 16384; JPEG, or PNG with alpha; needs vlm's resize feature)",
+    },
+    KeySpec {
         key: "vlm_json_retries",
         default: "1",
         doc: "how many times an answer that is not valid JSON for the schema is asked for again (0 to 10)",
@@ -590,6 +595,8 @@ pub struct VlmSettings {
     pub prompt_template: Option<String>,
     /// How many times an invalid JSON answer is asked for again (`vlm_json_retries`).
     pub json_retries: u32,
+    /// Shrink images whose longer edge is larger (`vlm_max_image_edge`); off when `None`.
+    pub max_image_edge: Option<u32>,
     sources: BTreeMap<&'static str, Source>,
     warnings: Vec<String>,
     /// For `vlm_backend = "auto"`: the loader to run again once the backend is detected.
@@ -688,6 +695,11 @@ impl VlmSettings {
             row("vlm_temperature", self.temperature.to_string()),
             row("vlm_max_image_bytes", self.max_image_bytes.to_string()),
             row("vlm_json_retries", self.json_retries.to_string()),
+            row(
+                "vlm_max_image_edge",
+                self.max_image_edge
+                    .map_or_else(|| "(off)".to_owned(), |e| e.to_string()),
+            ),
             row(
                 "vlm_prompt_template",
                 self.prompt_template
@@ -895,6 +907,10 @@ fn resolve(
     )? as u32;
     let max_tokens = whole("vlm_max_tokens", 300, 1, u64::from(u32::MAX))? as u32;
     let json_retries = whole("vlm_json_retries", 1, 0, 10)? as u32;
+    let max_image_edge = match plain(layers, "vlm_max_image_edge") {
+        Some(_) => Some(whole("vlm_max_image_edge", 0, 16, 16384)? as u32),
+        None => None,
+    };
     let max_image_bytes = whole(
         "vlm_max_image_bytes",
         ClientConfig::DEFAULT_MAX_IMAGE_BYTES,
@@ -972,6 +988,7 @@ fn resolve(
         temperature,
         max_image_bytes,
         json_retries,
+        max_image_edge,
         prompt_template,
         sources,
         warnings: Vec::new(),

@@ -619,3 +619,54 @@ async fn json_schema_puts_each_images_parsed_answer_in_its_record() {
     let out = run(cmd).await;
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+#[cfg(all(feature = "vllm", feature = "resize"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_image_edge_shrinks_what_is_sent_not_the_records_sha256() {
+    let e = emulator(VlmBackend::Vllm).await;
+    let dir = workdir();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--max-image-edge",
+        "64",
+        "--vlm-base-url",
+        &e.base_url(),
+    ]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let recs = records(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(recs.len(), 5);
+    for r in &recs {
+        let text = r["text"].as_str().unwrap();
+        // The samples are 320x240: sent as 64x48 JPEGs (PNG where there is alpha).
+        assert!(text.starts_with("[emulator] 64x48 "), "{text}");
+        let path = dir.join(r["path"].as_str().unwrap());
+        let prefix = sha256_prefix(&path);
+        assert!(
+            r["sha256"].as_str().unwrap().starts_with(&prefix),
+            "the file's, not what was sent"
+        );
+        assert!(
+            !text.ends_with(&prefix),
+            "what was sent is another image: {text}"
+        );
+    }
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--max-image-edge",
+        "4",
+        "--vlm-base-url",
+        &e.base_url(),
+    ]);
+    let out = run(cmd).await;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "below 16 is refused: {}",
+        stderr(&out)
+    );
+}
