@@ -928,3 +928,22 @@ async fn infer_json_returns_the_type() {
         .unwrap_err();
     assert!(matches!(err, VlmError::InvalidJson { .. }), "{err:?}");
 }
+
+#[tokio::test]
+async fn a_client_with_max_image_edge_shrinks_files_and_bytes_off_the_async_threads() {
+    let e = Emulator::start(EmulatorConfig::new(VlmBackend::LmDeploy))
+        .await
+        .unwrap();
+    let config = vlm_core::ClientConfig::new(VlmBackend::LmDeploy, &e.base_url())
+        .unwrap()
+        .with_model(e.model())
+        .with_max_image_edge(8);
+    let client = vlm_lmdeploy::LmDeployClient::new(config).unwrap();
+    let answer = client.infer_single(&ask(png(10))).await.unwrap();
+    // 12x9 in, 8x6 JPEG sent.
+    assert!(
+        answer.text.starts_with("[emulator] 8x6 JPEG"),
+        "{}",
+        answer.text
+    );
+}

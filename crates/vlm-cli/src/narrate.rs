@@ -175,7 +175,7 @@ impl Job {
                 return Ok(None);
             }
             // Shrunk for the model when asked; the sha256 stays the file's.
-            let (bytes, mime) = match max_edge.map(|edge| crate::resize::shrink(&bytes, edge)) {
+            let (bytes, mime) = match max_edge.map(|edge| vlm_core::shrink_image(&bytes, edge)) {
                 Some(Ok(Some(shrunk))) => shrunk,
                 Some(Err(why)) => return Err((Some(sha256), format!("image {shown}: {why}"))),
                 _ => (bytes, mime),

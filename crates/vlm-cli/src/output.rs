@@ -266,8 +266,8 @@ fn refuse_contents(path: &Path, resume: bool, overwrite: bool) -> Result<(), Fai
         .map_or(0, |m| m.len());
     if existing > 0 && !resume && !overwrite {
         return Err(Failure::usage(format!(
-            "output {} already exists and is not empty; pass --resume to continue it (finished \
-             images are skipped) or --overwrite to replace it",
+            "output {} already exists and is not empty; pass --resume to continue it (what is \
+             finished is skipped) or --overwrite to replace it",
             path.display()
         )));
     }

@@ -227,11 +227,10 @@ fn parse_line(number: usize, text: &str, base: &Path) -> Line {
     match value["url"].as_str() {
         Some("/v1/chat/completions" | "/chat/completions") => {}
         other => {
+            let url = other.map_or_else(|| "(none)".to_owned(), |u| format!("{u:?}"));
             return invalid(
                 id,
-                format!(
-                    "url {other:?} is not /v1/chat/completions (the only endpoint vlm run serves)"
-                ),
+                format!("url {url} is not /v1/chat/completions (the only endpoint vlm run serves)"),
             );
         }
     }
@@ -280,16 +279,25 @@ async fn answer_line(client: Arc<dyn VlmClient>, line: Line, json_retries: u32) 
         Ok(r) => r,
         Err(why) => return (with(Value::Null, self::error("invalid_line", why)), false),
     };
-    let wants_json = matches!(
-        request.response_format,
-        Some(ResponseFormat::JsonSchema { .. })
-    );
-    let result = if wants_json {
-        vlm_core::json::infer_json_value(&*client, &request, json_retries)
-            .await
-            .map(|a| a.response)
-    } else {
-        client.infer_single(&request).await
+    let result = match &request.response_format {
+        Some(ResponseFormat::JsonSchema { .. }) => {
+            vlm_core::json::infer_json_value(&*client, &request, json_retries)
+                .await
+                .map(|a| a.response)
+        }
+        // `json_object`: any JSON object, checked the same way (no schema).
+        Some(ResponseFormat::JsonObject) => client.infer_single(&request).await.and_then(
+            |answer| match vlm_core::json::extract_json(&answer.text) {
+                Some(serde_json::Value::Object(_)) => Ok(answer),
+                _ => Err(VlmError::InvalidJson {
+                    backend: answer.backend,
+                    reasons: vec!["the answer holds no JSON object".to_owned()],
+                    raw: answer.text,
+                    attempts: 1,
+                }),
+            },
+        ),
+        _ => client.infer_single(&request).await,
     };
     match result {
         Ok(answer) => {

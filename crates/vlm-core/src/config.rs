@@ -50,6 +50,9 @@ pub struct ClientConfig {
     /// For servers that take a raw prompt (Triton): the text sent, with `{prompt}` where the
     /// request's prompt goes, e.g. `"<|image|>{prompt}"` (`vlm_prompt_template`).
     pub prompt_template: Option<String>,
+    /// Shrink images whose longer edge is larger before sending them (`vlm_max_image_edge`;
+    /// needs the `resize` feature).
+    pub max_image_edge: Option<u32>,
 }
 
 impl ClientConfig {
@@ -79,7 +82,16 @@ impl ClientConfig {
             max_image_bytes: Self::DEFAULT_MAX_IMAGE_BYTES,
             http_client: None,
             prompt_template: None,
+            max_image_edge: None,
         })
+    }
+
+    /// Shrinks images whose longer edge is larger than `edge` pixels before they are sent
+    /// (JPEG, or PNG with alpha; off the async threads). Needs the `resize` feature:
+    /// [`validate`](Self::validate) refuses it otherwise.
+    pub fn with_max_image_edge(mut self, edge: u32) -> Self {
+        self.max_image_edge = Some(edge);
+        self
     }
 
     /// Sets the prompt template (`{prompt}` marks where the prompt goes); servers that take a
@@ -140,6 +152,9 @@ impl ClientConfig {
                      seconds above 0"
                 )));
             }
+        }
+        if self.max_image_edge.is_some() && !cfg!(feature = "resize") {
+            return Err(VlmError::config(crate::resize::RESIZE_MISSING));
         }
         if let Some(template) = &self.prompt_template
             && !template.contains("{prompt}")

@@ -49,6 +49,7 @@ mod key;
 mod models;
 pub mod openai;
 mod request;
+mod resize;
 mod response;
 mod retry;
 mod stream;
@@ -66,6 +67,7 @@ pub use health::{HealthProbe, HealthReport, HealthState};
 pub use image::{ImageInput, ImageMime, LoadedImage, describe_non_image, encode_data_url};
 pub use key::ApiKey;
 pub use request::{RESERVED_FIELDS, ResponseFormat, VlmRequest, VlmRequestBuilder};
+pub use resize::{RESIZE_MISSING, shrink_image};
 pub use response::{Usage, VlmResponse};
 pub use stream::{StreamEvent, VlmStream};
 

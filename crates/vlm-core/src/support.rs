@@ -8,6 +8,7 @@ pub use crate::backend::edit_distance;
 pub use crate::error_body::{DecodedError, decode_error_body, json_string_field};
 pub use crate::health::{err_note, state_for_error};
 pub use crate::models::{ExactNames, ModelNames, ModelSlot, resolve_model};
+pub use crate::resize::fit as fit_image;
 pub use crate::retry::{RetryPolicy, parse_retry_after, retryable_status};
 pub use crate::stream::{ChunkParser, StreamContext, openai_chunk, parse_sse_data, sse_events};
 pub use crate::transport::{Auth, Budget, MAX_RESPONSE_BYTES, RawResponse, Transport};

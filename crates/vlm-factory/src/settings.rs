@@ -721,6 +721,9 @@ impl VlmSettings {
         if let Some(template) = &self.prompt_template {
             config = config.with_prompt_template(template.clone());
         }
+        if let Some(edge) = self.max_image_edge {
+            config = config.with_max_image_edge(edge);
+        }
         if let Some(model) = &self.model {
             config = config.with_model(model.clone());
         }

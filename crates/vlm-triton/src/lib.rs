@@ -52,7 +52,7 @@ use std::time::Instant;
 
 use model::{ImageWay, ModelInfo};
 use vlm_core::StreamEvent;
-use vlm_core::support::{StreamContext, sse_events};
+use vlm_core::support::{StreamContext, fit_image, sse_events};
 
 /// What to run instead when the server is Triton's OpenAI-compatible frontend.
 pub const OPENAI_FRONTEND_GUIDANCE: &str = "Triton's OpenAI-compatible frontend (port 9000) is \
@@ -71,6 +71,7 @@ pub struct TritonClient {
     info: Arc<tokio::sync::OnceCell<ModelInfo>>,
     prompt_template: Option<String>,
     max_image_bytes: u64,
+    max_image_edge: Option<u32>,
 }
 
 impl TritonClient {
@@ -93,6 +94,7 @@ impl TritonClient {
             info: Arc::new(tokio::sync::OnceCell::new()),
             prompt_template: config.prompt_template,
             max_image_bytes: config.max_image_bytes,
+            max_image_edge: config.max_image_edge,
         })
     }
 
@@ -159,7 +161,8 @@ impl TritonClient {
         let info = self.model_info(&model).await?;
         let mut images = Vec::with_capacity(request.images.len());
         for image in &request.images {
-            images.push(image.load(self.max_image_bytes).await?);
+            let loaded = image.load(self.max_image_bytes).await?;
+            images.push(fit_image(loaded, self.max_image_edge, image.source_name()).await?);
         }
         let body = generate::body(
             info,

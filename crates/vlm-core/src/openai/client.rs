@@ -139,6 +139,7 @@ struct Inner<S> {
     server: S,
     transport: Transport,
     max_image_bytes: u64,
+    max_image_edge: Option<u32>,
     model: ModelSlot,
 }
 
@@ -173,6 +174,7 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
                 server: S::default(),
                 transport: Transport::new(&config)?,
                 max_image_bytes: config.max_image_bytes,
+                max_image_edge: config.max_image_edge,
                 model: ModelSlot::new(config.model),
             }),
         })
@@ -233,6 +235,8 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
         let mut images = Vec::with_capacity(request.images.len());
         for image in &request.images {
             let loaded = image.load(self.inner.max_image_bytes).await?;
+            let loaded =
+                crate::resize::fit(loaded, self.inner.max_image_edge, image.source_name()).await?;
             if let Some(mime) = image_type(&loaded) {
                 self.inner
                     .server
