@@ -307,6 +307,21 @@ pub fn run(quick: bool) -> Result<(), String> {
         args.push("--quick");
     }
     cargo(&args, &[])?;
+    // Resizing, criterion (the `resize` feature).
+    let mut args = vec![
+        "bench",
+        "-p",
+        "vlm-core",
+        "--features",
+        "resize",
+        "--bench",
+        "resize",
+        "--",
+    ];
+    if quick {
+        args.push("--quick");
+    }
+    cargo(&args, &[])?;
     let sizes = [
         ("1KB", 1024.0),
         ("256KB", 256.0 * 1024.0),
@@ -375,6 +390,24 @@ pub fn run(quick: bool) -> Result<(), String> {
              malloc arenas warming up over a longer run (a 4-thread blocking pool keeps them \
              few; mimalloc was tried and measured 20 MiB at 2,000 images rising to 34 MiB).\n",
         );
+    }
+    md.push_str("\n## W4: resizing (`--max-image-edge`)\n\n");
+    let resize_ms = std::fs::read_to_string(
+        root.join("target/criterion/resize/12MP_jpeg_to_1024/new/estimates.json"),
+    )
+    .ok()
+    .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+    .and_then(|v| v["mean"]["point_estimate"].as_f64())
+    .map(|ns| ns / 1e6);
+    match resize_ms {
+        Some(ms) => md.push_str(&format!(
+            "Criterion, `cargo bench -p vlm-core --features resize --bench resize`: a 12-megapixel \
+             JPEG (4000×3000) decoded, shrunk to a 1024 px longer edge and re-encoded as JPEG by \
+             `vlm_core::shrink_image`: **{ms:.0} ms** per image, **{:.1} images/s** per core. The \
+             narrator and the clients run it on the blocking pool.\n",
+            1000.0 / ms
+        )),
+        None => md.push_str("(The resize benchmark left no estimate.)\n"),
     }
     md.push_str(&format!(
         "\n(The whole benchmark took {:.0} s.)\n",
