@@ -254,6 +254,7 @@ const PUBLISHED: [&str; 9] = [
 ];
 
 fn publish_check() -> Result<(), String> {
+    forget_earlier_packages()?;
     // `cargo package --workspace` resolves the workspace's own unpublished crates locally, so
     // each package is built and verified from its .crate file as crates.io would.
     let mut args = vec!["package", "--allow-dirty", "--no-verify"];
@@ -266,4 +267,35 @@ fn publish_check() -> Result<(), String> {
         args.extend(["-p", p]);
     }
     cargo(&args, &[])
+}
+
+/// Cargo unpacks the local registry `cargo package` builds into `$CARGO_HOME/registry/src/-<hash>`
+/// and never unpacks a version again, so a second check would verify against the first one's
+/// sources. Remove our crates from those local-registry folders (crates.io's are left alone).
+fn forget_earlier_packages() -> Result<(), String> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")))
+        .ok_or("xtask: neither CARGO_HOME nor HOME is set")?;
+    let src = home.join("registry").join("src");
+    let Ok(registries) = std::fs::read_dir(&src) else {
+        return Ok(());
+    };
+    for registry in registries.flatten() {
+        if !registry.file_name().to_string_lossy().starts_with('-') {
+            continue;
+        }
+        for entry in std::fs::read_dir(registry.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if PUBLISHED.iter().any(|p| name.starts_with(&format!("{p}-"))) {
+                std::fs::remove_dir_all(entry.path())
+                    .map_err(|e| format!("xtask: cannot remove {}: {e}", entry.path().display()))?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -4,6 +4,7 @@
 use crate::image::ImageMime;
 
 /// JPEG quality of a shrunk photo.
+#[cfg(feature = "resize")]
 const JPEG_QUALITY: u8 = 90;
 
 /// `bytes` shrunk so that the longer edge is at most `max_edge`, keeping the aspect ratio:
