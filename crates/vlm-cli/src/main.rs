@@ -158,6 +158,34 @@ pub async fn check_health(
     })
 }
 
+/// The client `narrate` and `run` send through: built, its server checked (polled up to `wait`),
+/// refused with the health report when the server is not ready or the model cannot take images
+/// from this client (a Triton model that wants preprocessed pixels, a text-only one, Triton's
+/// OpenAI frontend), then named in the `🤖 VLM:` log line. Call it before the output is opened.
+pub async fn ready_client(
+    settings: &VlmSettings,
+    wait: Option<std::time::Duration>,
+) -> Result<std::sync::Arc<dyn vlm_core::VlmClient>, Failure> {
+    let client = vlm_factory::build_client(settings)?;
+    let report = check_health(&*client, wait).await?;
+    if let Err(e) = client.image_support().await
+        && e.is_unsupported()
+    {
+        eprint!("{report}");
+        return Err(e.into());
+    }
+    if !report.is_ready() {
+        eprint!("{report}");
+        return Err(not_ready(&*client, &report));
+    }
+    tracing::info!(
+        "🤖 VLM: {}/{}",
+        client.backend(),
+        vlm_core::text::shown_model(client.model().unwrap_or("(unknown)"))
+    );
+    Ok(client)
+}
+
 /// The failure for a server that is not ready (exit 3), naming its state and why.
 pub fn not_ready(client: &dyn vlm_core::VlmClient, report: &vlm_core::HealthReport) -> Failure {
     Failure {

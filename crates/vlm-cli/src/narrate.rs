@@ -14,7 +14,6 @@ use vlm_core::{
     ImageInput, ImageMime, StreamEvent, VlmBackend, VlmClient, VlmError, VlmRequest,
     describe_non_image, encode_data_url,
 };
-use vlm_factory::build_client;
 
 use crate::emulate::Emulator;
 use crate::files::{Input, discover};
@@ -450,27 +449,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     if let Some(path) = &args.output {
         crate::output::refuse_existing(path, args.resume, args.overwrite)?;
     }
-    let client = build_client(&settings)?;
-    let report = crate::check_health(&*client, args.wait).await?;
-
-    // A model that cannot take images from this client (a Triton model that wants
-    // preprocessed pixels, a text-only one, Triton's OpenAI frontend) ends here, with the health
-    // report and what to run instead, before the output is opened.
-    if let Err(e) = client.image_support().await
-        && e.is_unsupported()
-    {
-        eprint!("{report}");
-        return Err(e.into());
-    }
-    if !report.is_ready() {
-        eprint!("{report}");
-        return Err(crate::not_ready(&*client, &report));
-    }
-    tracing::info!(
-        "🤖 VLM: {}/{}",
-        client.backend(),
-        shown_model(client.model().unwrap_or("(unknown)"))
-    );
+    let client = crate::ready_client(&settings, args.wait).await?;
 
     let (inputs, warnings) = discover(&args.paths);
     for w in warnings {

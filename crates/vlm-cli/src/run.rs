@@ -12,7 +12,6 @@ use clap::Args;
 use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 use vlm_core::{ImageInput, ResponseFormat, VlmClient, VlmError, VlmRequest, VlmResponse};
-use vlm_factory::build_client;
 
 use crate::narrate::Interrupts;
 use crate::output::{Resumable, Sink};
@@ -383,23 +382,7 @@ pub async fn run(global: &GlobalOpts, args: RunArgs) -> Result<Exit, Failure> {
         crate::output::refuse_existing(path, args.resume, args.overwrite)?;
     }
     let (settings, _) = global.load_resolved(&[], args.wait).await?;
-    let client = build_client(&settings)?;
-    let report = crate::check_health(&*client, args.wait).await?;
-    if let Err(e) = client.image_support().await
-        && e.is_unsupported()
-    {
-        eprint!("{report}");
-        return Err(e.into());
-    }
-    if !report.is_ready() {
-        eprint!("{report}");
-        return Err(crate::not_ready(&*client, &report));
-    }
-    tracing::info!(
-        "🤖 VLM: {}/{}",
-        client.backend(),
-        vlm_core::text::shown_model(client.model().unwrap_or("(unknown)"))
-    );
+    let client = crate::ready_client(&settings, args.wait).await?;
     let (mut sink, answered) = match &args.output {
         Some(path) => crate::output::open::<Answered>(path, args.resume, args.overwrite)?,
         None => (Sink::Stdout, Answered::default()),
