@@ -590,62 +590,49 @@ async fn narrate_all(
             }
         }
     });
-    let mut results = std::pin::pin!(results);
-    let mut interrupts = Interrupts::new();
-    let mut interrupted = false;
-    let mut write_error = None;
-    let finished = |t: &Tally| t.done + t.failed + t.skipped + t.unwritten;
-    loop {
-        tokio::select! {
-            joined = results.next() => {
-                let Some(joined) = joined else { break };
-                match joined {
-                    Outcome::Skipped => tally.skipped += 1,
-                    Outcome::Record(record) => {
-                        if let Some(error) = &record.error {
-                            let line = escape_controls(&format!("{}: {error}", record.path)).into_owned();
-                            match &progress {
-                                Some(bar) => bar.println(format!("error: {line}")),
-                                None => tracing::error!("{line}"),
-                            }
-                        }
-                        match sink.write(&record) {
-                            Ok(()) if record.error.is_some() => tally.failed += 1,
-                            Ok(()) => tally.done += 1,
-                            Err(e) => {
-                                tally.unwritten += 1;
-                                intake.store(false, Ordering::SeqCst);
-                                write_error.get_or_insert(e);
-                            }
-                        }
+    let drained = drain(results, &intake, Some(&*launched), |outcome| {
+        let written = match outcome {
+            Outcome::Skipped => {
+                tally.skipped += 1;
+                Ok(())
+            }
+            Outcome::Record(record) => {
+                if let Some(error) = &record.error {
+                    let line = escape_controls(&format!("{}: {error}", record.path)).into_owned();
+                    match &progress {
+                        Some(bar) => bar.println(format!("error: {line}")),
+                        None => tracing::error!("{line}"),
                     }
                 }
-                if let Some(bar) = &progress {
-                    bar.inc(1);
+                match sink.write(&record) {
+                    Ok(()) if record.error.is_some() => {
+                        tally.failed += 1;
+                        Ok(())
+                    }
+                    Ok(()) => {
+                        tally.done += 1;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tally.unwritten += 1;
+                        Err(e)
+                    }
                 }
             }
-            () = interrupts.next() => {
-                let waiting = launched.load(Ordering::SeqCst).saturating_sub(finished(&tally));
-                if interrupted {
-                    // Leaving drops the in-flight requests; the runtime is shut down on return.
-                    tracing::warn!("interrupted again: aborting {waiting} request(s) in flight");
-                    break;
-                }
-                interrupted = true;
-                intake.store(false, Ordering::SeqCst);
-                tracing::warn!(
-                    "interrupted: no new requests; waiting for {waiting} in flight (Ctrl-C again to abort)"
-                );
-            }
+        };
+        if let Some(bar) = &progress {
+            bar.inc(1);
         }
-    }
+        written
+    })
+    .await;
     if let Some(bar) = &progress {
         bar.finish_and_clear();
     }
     if !quiet {
         summarise(&tally, total, started.elapsed().as_secs_f64(), &sink);
     }
-    if let Some(e) = write_error {
+    if let Some(e) = drained.write_error {
         let next = match &sink {
             Sink::File { .. } => {
                 "; the output ends with whole lines: fix the cause (free space) and run again \
@@ -664,13 +651,7 @@ async fn narrate_all(
             ),
         });
     }
-    Ok(if interrupted {
-        Exit::Interrupted
-    } else if tally.failed > 0 {
-        Exit::SomeFailed
-    } else {
-        Exit::Ok
-    })
+    Ok(drained.exit(tally.failed))
 }
 
 /// The summary line: what was narrated and written, never counting what was lost.
@@ -698,13 +679,13 @@ fn summarise(tally: &Tally, total: usize, elapsed: f64, sink: &Sink) {
 }
 
 /// SIGINT (Ctrl-C) as a stream of events.
-pub(crate) struct Interrupts {
+struct Interrupts {
     #[cfg(unix)]
     signal: Option<tokio::signal::unix::Signal>,
 }
 
 impl Interrupts {
-    pub(crate) fn new() -> Self {
+    fn new() -> Self {
         #[cfg(unix)]
         {
             Interrupts {
@@ -718,7 +699,7 @@ impl Interrupts {
         }
     }
 
-    pub(crate) async fn next(&mut self) {
+    async fn next(&mut self) {
         #[cfg(unix)]
         {
             match &mut self.signal {
@@ -735,6 +716,80 @@ impl Interrupts {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// How a run's results were taken in.
+pub(crate) struct Drained {
+    /// Ctrl-C stopped the intake (the requests in flight were waited for unless it came twice).
+    pub interrupted: bool,
+    /// The first error writing the output; the intake stopped there.
+    pub write_error: Option<std::io::Error>,
+}
+
+impl Drained {
+    /// The exit code of a run that wrote its results, given how many of them failed.
+    pub fn exit(&self, failed: usize) -> Exit {
+        if self.interrupted {
+            Exit::Interrupted
+        } else if failed > 0 {
+            Exit::SomeFailed
+        } else {
+            Exit::Ok
+        }
+    }
+}
+
+/// Hands each result to `take` (which writes it) as it finishes. A write error or Ctrl-C clears
+/// `intake`, so no new work starts while the work in flight finishes; a second Ctrl-C leaves at
+/// once, dropping what is in flight. `launched`, when given, counts the work started, so the
+/// messages can say how much is still in flight.
+pub(crate) async fn drain<T>(
+    results: impl futures_util::Stream<Item = T>,
+    intake: &AtomicBool,
+    launched: Option<&AtomicUsize>,
+    mut take: impl FnMut(T) -> std::io::Result<()>,
+) -> Drained {
+    let mut results = std::pin::pin!(results);
+    let mut interrupts = Interrupts::new();
+    let mut drained = Drained {
+        interrupted: false,
+        write_error: None,
+    };
+    let mut finished = 0usize;
+    loop {
+        tokio::select! {
+            next = results.next() => {
+                let Some(result) = next else { break };
+                finished += 1;
+                if let Err(e) = take(result) {
+                    intake.store(false, Ordering::SeqCst);
+                    drained.write_error.get_or_insert(e);
+                }
+            }
+            () = interrupts.next() => {
+                let waiting = launched.map(|l| l.load(Ordering::SeqCst).saturating_sub(finished));
+                if drained.interrupted {
+                    // Leaving drops the in-flight requests; the runtime is shut down on return.
+                    match waiting {
+                        Some(n) => tracing::warn!("interrupted again: aborting {n} request(s) in flight"),
+                        None => tracing::warn!("interrupted again: aborting the requests in flight"),
+                    }
+                    break;
+                }
+                drained.interrupted = true;
+                intake.store(false, Ordering::SeqCst);
+                match waiting {
+                    Some(n) => tracing::warn!(
+                        "interrupted: no new requests; waiting for {n} in flight (Ctrl-C again to abort)"
+                    ),
+                    None => tracing::warn!(
+                        "interrupted: no new requests; waiting for those in flight (Ctrl-C again to abort)"
+                    ),
+                }
+            }
+        }
+    }
+    drained
 }
 
 /// `--stream`: one image, its text printed as it arrives; the record goes to `sink` (the

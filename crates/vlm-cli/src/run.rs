@@ -9,11 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 use vlm_core::{ImageInput, ResponseFormat, VlmClient, VlmError, VlmRequest, VlmResponse};
 
-use crate::narrate::Interrupts;
+use crate::narrate::drain;
 use crate::output::{Resumable, Sink};
 use crate::{Exit, Failure, GlobalOpts};
 
@@ -425,38 +424,22 @@ pub async fn run(global: &GlobalOpts, args: RunArgs) -> Result<Exit, Failure> {
     let results = vlm_core::batch::bounded(lines, args.concurrency as usize, |line| {
         answer_line(client.clone(), line, retries)
     });
-    let mut results = std::pin::pin!(results);
-    let mut interrupts = Interrupts::new();
     let (mut ok, mut failed, mut unwritten) = (0usize, 0usize, 0usize);
-    let (mut interrupted, mut write_error) = (false, None);
     let started = Instant::now();
-    loop {
-        tokio::select! {
-            next = results.next() => {
-                let Some((value, success)) = next else { break };
-                let mut line = value.to_string().into_bytes();
-                line.push(b'\n');
-                match sink.write_line(&line) {
-                    Ok(()) if success => ok += 1,
-                    Ok(()) => failed += 1,
-                    Err(e) => {
-                        unwritten += 1;
-                        intake.store(false, Ordering::SeqCst);
-                        write_error.get_or_insert(e);
-                    }
-                }
-            }
-            () = interrupts.next() => {
-                if interrupted {
-                    tracing::warn!("interrupted again: aborting the requests in flight");
-                    break;
-                }
-                interrupted = true;
-                intake.store(false, Ordering::SeqCst);
-                tracing::warn!("interrupted: no new requests; waiting for those in flight (Ctrl-C again to abort)");
+    let drained = drain(results, &intake, None, |(value, success): (Value, bool)| {
+        let mut line = value.to_string().into_bytes();
+        line.push(b'\n');
+        match sink.write_line(&line) {
+            Ok(()) if success => ok += 1,
+            Ok(()) => failed += 1,
+            Err(e) => {
+                unwritten += 1;
+                return Err(e);
             }
         }
-    }
+        Ok(())
+    })
+    .await;
     let skipped = skipped.load(Ordering::SeqCst);
     if !global.quiet {
         eprintln!(
@@ -471,7 +454,7 @@ pub async fn run(global: &GlobalOpts, args: RunArgs) -> Result<Exit, Failure> {
             started.elapsed().as_secs_f64()
         );
     }
-    if let Some(e) = write_error {
+    if let Some(e) = drained.write_error {
         return Err(Failure {
             exit: Exit::Output,
             message: format!(
@@ -481,13 +464,7 @@ pub async fn run(global: &GlobalOpts, args: RunArgs) -> Result<Exit, Failure> {
             ),
         });
     }
-    Ok(if interrupted {
-        Exit::Interrupted
-    } else if failed > 0 {
-        Exit::SomeFailed
-    } else {
-        Exit::Ok
-    })
+    Ok(drained.exit(failed))
 }
 
 #[cfg(test)]
