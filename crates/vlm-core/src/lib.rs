@@ -10,13 +10,17 @@
 //! - [`HealthReport`] / [`HealthState`]: why a server is or is not ready;
 //! - [`openai`]: the one chat-completions payload builder and [`openai::OpenAiCompatible`], the
 //!   one client every OpenAI-compatible backend is built from;
+//! - [`Replicas`]: several endpoints of one model as one client (least-in-flight routing,
+//!   failover, outages waited out, adaptive concurrency);
 //! - [`text`]: how text a server chose is cleaned before it is shown (key redacted, control
 //!   characters escaped, length capped).
 //!
 //! The modules import each other in one direction, each only from those before it: `backend`,
 //! `key`, `retry`; `error` (backend); `text` (key); `config`, `image`, `request`, `response`,
 //! `health`, `error_body`, `models`; `transport` (HTTP only, nothing OpenAI); `stream`;
-//! `client` (the trait); `openai` (payload, parsing, the OpenAI-compatible client).
+//! `client` (the trait); `limit` (adaptive concurrency), `metrics` (Prometheus text);
+//! `replicas` (several clients as one); `openai` (payload, parsing, the OpenAI-compatible
+//! client).
 //!
 //! ```
 //! use vlm_core::{ImageInput, VlmBackend, VlmRequest};
@@ -46,8 +50,11 @@ mod health;
 mod image;
 pub mod json;
 mod key;
+mod limit;
+mod metrics;
 mod models;
 pub mod openai;
+mod replicas;
 mod request;
 mod resize;
 mod response;
@@ -66,6 +73,7 @@ pub use error::{BoxError, VlmError};
 pub use health::{HealthProbe, HealthReport, HealthState};
 pub use image::{ImageInput, ImageMime, LoadedImage, describe_non_image, encode_data_url};
 pub use key::ApiKey;
+pub use replicas::{Admission, EndpointStats, ReplicaOptions, Replicas};
 pub use request::{RESERVED_FIELDS, ResponseFormat, VlmRequest, VlmRequestBuilder};
 pub use resize::{RESIZE_MISSING, shrink_image};
 pub use response::{Usage, VlmResponse};

@@ -84,6 +84,11 @@ impl OpenAiServer for LmDeploy {
     // LMDeploy requires `model`; an unknown one is a 404.
     const REQUIRES_MODEL: bool = true;
 
+    // Published only when the server runs with `--enable-metrics`; otherwise `/metrics` is a 404.
+    fn queue_metric(&self) -> Option<&'static str> {
+        Some("lmdeploy:num_requests_waiting")
+    }
+
     async fn liveness(
         &self,
         transport: &Transport,

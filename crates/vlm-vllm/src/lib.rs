@@ -53,6 +53,10 @@ impl OpenAiServer for Vllm {
     // vLLM's `model` is optional: while unknown, it is left out and the server uses its model.
     const REQUIRES_MODEL: bool = false;
 
+    fn queue_metric(&self) -> Option<&'static str> {
+        Some("vllm:num_requests_waiting")
+    }
+
     // vLLM >= 0.12 reads structured-output constraints from `response_format` (or
     // `structured_outputs`) and drops the old `guided_*` fields without a word.
     fn ignored_fields(&self) -> &'static [(&'static str, &'static str)] {

@@ -72,6 +72,12 @@ pub trait OpenAiServer: Send + Sync + fmt::Debug + Default + 'static {
         Ok(())
     }
 
+    /// The Prometheus gauge on `GET /metrics` that counts the requests waiting in the server's
+    /// queue (`vllm:num_requests_waiting`), where the server has one; `None` by default.
+    fn queue_metric(&self) -> Option<&'static str> {
+        None
+    }
+
     /// Request fields this server accepts and silently drops, each with what it reads instead:
     /// sending one is warned about once (request linting).
     fn ignored_fields(&self) -> &'static [(&'static str, &'static str)] {
@@ -425,6 +431,20 @@ impl<S: OpenAiServer> VlmClient for OpenAiCompatible<S> {
         }
         self.check_models(&mut report).await?;
         Ok(report)
+    }
+
+    async fn queue_depth(&self) -> Option<f64> {
+        let name = self.inner.server.queue_metric()?;
+        let transport = &self.inner.transport;
+        let url = transport.root_endpoint("metrics");
+        let resp = transport
+            .get(&url, Auth::Bearer, Budget::Health)
+            .await
+            .ok()?;
+        if !resp.is_success() {
+            return None;
+        }
+        crate::metrics::gauge_sum(std::str::from_utf8(&resp.body).ok()?, name)
     }
 
     async fn infer_single(&self, request: &VlmRequest) -> Result<VlmResponse, VlmError> {
