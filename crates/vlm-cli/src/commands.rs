@@ -50,6 +50,14 @@ pub struct EmulateArgs {
     /// default), vllm (Triton's vLLM backend) or text (text-only)
     #[arg(long, value_name = "KIND")]
     triton_model: Option<String>,
+    /// Behave like a loaded GPU: decode up to K chat requests together; past K they queue
+    /// (published on vLLM's GET /metrics) and latency grows; 4 K waiting is a 503
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    capacity: Option<u32>,
+    /// With --capacity: tokens per second each decoding request gets (an answer of N tokens
+    /// takes N/R s)
+    #[arg(long, value_name = "R", requires = "capacity", default_value_t = 50.0)]
+    token_rate: f64,
 }
 
 /// `vlm health`: prints the report; exit 0 when ready, 3 otherwise.
@@ -210,6 +218,7 @@ pub async fn emulate(args: EmulateArgs) -> Result<Exit, Failure> {
         fast: args.fast,
         flavor: args.flavor,
         triton_model: args.triton_model,
+        capacity: args.capacity.map(|k| (k as usize, args.token_rate)),
     })
     .await
 }

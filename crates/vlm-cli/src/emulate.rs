@@ -24,6 +24,8 @@ pub struct Serve {
     pub flavor: Option<String>,
     /// Which model `--backend triton` serves.
     pub triton_model: Option<String>,
+    /// `--capacity K --token-rate R`.
+    pub capacity: Option<(usize, f64)>,
 }
 
 #[cfg(feature = "emulate")]
@@ -63,6 +65,14 @@ mod imp {
         }
         if let Some(kind) = &args.triton_model {
             emulator_args.triton_model = kind.parse().map_err(Failure::usage)?;
+        }
+        if let Some((slots, rate)) = args.capacity {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(Failure::usage(format!(
+                    "invalid --token-rate {rate}: expected tokens/s > 0"
+                )));
+            }
+            emulator_args.capacity = Some(vlm_testkit::Capacity::new(slots, rate));
         }
         vlm_testkit::run_emulator(emulator_args)
             .await

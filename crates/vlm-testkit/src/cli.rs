@@ -7,7 +7,7 @@ use vlm_core::VlmBackend;
 use crate::server::{Emulator, EmulatorConfig, OpenAiFlavor, default_model};
 
 /// The emulator command's arguments.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct EmulatorArgs {
     /// `--backend vllm|lmdeploy|triton`
@@ -24,6 +24,9 @@ pub struct EmulatorArgs {
     pub flavor: OpenAiFlavor,
     /// `--triton-model multimodal|vllm|text`: which model `--backend triton` serves
     pub triton_model: crate::TritonModel,
+    /// `--capacity K [--token-rate R]`: decode K requests together at R tokens/s each (default
+    /// 50); the rest queue, and a queue of 4 K is a 503
+    pub capacity: Option<crate::Capacity>,
 }
 
 impl EmulatorArgs {
@@ -37,6 +40,7 @@ impl EmulatorArgs {
             fast: false,
             flavor: OpenAiFlavor::default(),
             triton_model: crate::TritonModel::default(),
+            capacity: None,
         }
     }
 }
@@ -45,7 +49,7 @@ impl EmulatorArgs {
 pub const USAGE: &str =
     "usage: vlm-emulator --backend vllm|lmdeploy|triton|ollama|openai [--port P] [--model M] [--api-key K]
                     [--flavor sglang|llama-cpp|trtllm-serve] [--triton-model multimodal|vllm|text]
-                    [--fast]
+                    [--fast] [--capacity K [--token-rate R]]
 
 Serves an emulator of that server on 127.0.0.1 until killed (SIGINT/SIGTERM exit 0).
 Prints one line on stdout: the value to give --vlm-base-url. Logs go to stderr.
@@ -54,7 +58,10 @@ Default models: vllm, lmdeploy and openai serve \"Qwen/Qwen2-VL-2B-Instruct\", t
 --backend openai emulates (default sglang); --triton-model which model --backend triton serves: a
 TensorRT-LLM multimodal ensemble (default), a model on Triton's vLLM backend, or a text-only one.
 --fast answers every chat request with one fixed completion, without parsing, decoding or
-recording it (for benchmarks: the server's cost stays out of the client's numbers).";
+recording it (for benchmarks: the server's cost stays out of the client's numbers).
+--capacity K makes it a loaded GPU: up to K chat requests decode together, each answer taking
+(its tokens) / R seconds (--token-rate, default 50 tokens/s per request); past K, requests queue
+(vllm:num_requests_waiting on GET /metrics) and latency grows; 4 K waiting is a 503.";
 
 /// Parses `--backend B [--port P] [--model M] [--api-key K]` (also `--flag=value`).
 pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
@@ -65,6 +72,7 @@ pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
     let mut fast = false;
     let mut flavor = OpenAiFlavor::default();
     let mut triton_model = crate::TritonModel::default();
+    let (mut slots, mut token_rate) = (None, None);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -98,11 +106,37 @@ pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
             "--api-key" => api_key = Some(value()?),
             "--flavor" => flavor = value()?.parse()?,
             "--triton-model" => triton_model = value()?.parse()?,
+            "--capacity" => {
+                let v = value()?;
+                slots = Some(
+                    v.parse::<usize>()
+                        .ok()
+                        .filter(|k| (1..=100_000).contains(k))
+                        .ok_or_else(|| format!("invalid --capacity {v:?}: expected 1 to 100000"))?,
+                );
+            }
+            "--token-rate" => {
+                let v = value()?;
+                token_rate = Some(
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|r| r.is_finite() && *r > 0.0)
+                        .ok_or_else(|| {
+                            format!("invalid --token-rate {v:?}: expected tokens/s > 0")
+                        })?,
+                );
+            }
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
     }
     let backend = backend.ok_or_else(|| format!("--backend is required\n\n{USAGE}"))?;
+    let capacity = match (slots, token_rate) {
+        (Some(k), rate) => Some(crate::Capacity::new(k, rate.unwrap_or(50.0))),
+        (None, Some(_)) => return Err(format!("--token-rate needs --capacity K\n\n{USAGE}")),
+        (None, None) => None,
+    };
     Ok(EmulatorArgs {
+        capacity,
         backend,
         port,
         model,
@@ -127,6 +161,9 @@ pub async fn run_emulator(args: EmulatorArgs) -> Result<(), String> {
         .with_fast(args.fast)
         .with_flavor(args.flavor)
         .with_triton_model(args.triton_model);
+    if let Some(capacity) = args.capacity {
+        config = config.with_capacity(capacity);
+    }
     let emulator = Emulator::start(config).await.map_err(|e| e.to_string())?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", emulator.base_url()).map_err(|e| e.to_string())?;
@@ -208,6 +245,22 @@ mod tests {
                 .unwrap_err()
                 .contains("invalid --port")
         );
+        let loaded = parse_emulator_args(&args(&[
+            "--backend",
+            "vllm",
+            "--capacity",
+            "8",
+            "--token-rate=200",
+        ]))
+        .unwrap();
+        assert_eq!(loaded.capacity, Some(crate::Capacity::new(8, 200.0)));
+        for bad in [
+            &["--backend", "vllm", "--capacity", "0"][..],
+            &["--backend", "vllm", "--capacity", "4", "--token-rate", "-1"],
+            &["--backend", "vllm", "--token-rate", "5"],
+        ] {
+            assert!(parse_emulator_args(&args(bad)).is_err(), "{bad:?}");
+        }
         assert!(
             parse_emulator_args(&args(&["--backend", "vllm", "--bogus"]))
                 .unwrap_err()

@@ -17,7 +17,9 @@
 //! LMDeploy <= 0.15's HTTP 200 with `finish_reason: "error"`, a stream that never ends, a
 //! connection closed before any answer, an error echoing the `Authorization` header;
 //! [`Emulator::start_after`] keeps the port closed for a while, as a server still loading its
-//! model does, and [`Emulator::delay_other_routes`] slows health probes. An emulator can serve
+//! model does, and [`Emulator::delay_other_routes`] slows health probes. A capacity model
+//! ([`EmulatorConfig::with_capacity`]) makes it behave like a loaded GPU: K requests decode
+//! together, the rest queue (published on vLLM's `GET /metrics`), and a full queue is a 503. An emulator can serve
 //! under a gateway's path prefix ([`EmulatorConfig::with_prefix`]), and [`Blackhole`] is a host
 //! whose TCP handshake never completes. Every request is recorded.
 //!
@@ -39,6 +41,7 @@
 
 pub mod analysis;
 mod blackhole;
+mod capacity;
 mod cli;
 mod routes;
 mod server;
@@ -46,6 +49,7 @@ mod servers;
 mod triton;
 
 pub use blackhole::Blackhole;
+pub use capacity::{Capacity, CapacityStats};
 pub use cli::{EmulatorArgs, parse_emulator_args, run_emulator};
 pub use server::{
     Emulator, EmulatorConfig, EmulatorError, Fault, OpenAiFlavor, RecordedRequest, default_model,

@@ -213,6 +213,11 @@ async fn openai(shared: &Shared, record: &RecordedRequest, body: &Bytes) -> Resp
             json_response(200, &json!({"version": "0.33.0"}))
         }
         ("GET", "/v1/models") => json_response(200, &models(shared)),
+        ("GET", "/metrics") if backend == VlmBackend::Vllm => raw_response(
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            crate::capacity::vllm_metrics(&shared.model, shared.capacity.as_ref()),
+        ),
         ("POST", "/v1/chat/completions") => chat(shared, record, body).await,
         (_, "/v1/chat/completions" | "/health" | "/v1/models") => {
             json_response(405, &json!({"detail": "Method Not Allowed"}))
@@ -458,6 +463,17 @@ async fn chat(shared: &Shared, record: &RecordedRequest, body: &Bytes) -> Resp {
     };
     let prompt_tokens = (ask.prompt_chars as u64).div_ceil(4) + 256 * ask.images.len() as u64;
     let completion_tokens = limit as u64;
+    if let Some(capacity) = &shared.capacity
+        && !capacity.decode(completion_tokens).await
+    {
+        return error(
+            shared,
+            503,
+            "ServiceUnavailableError",
+            "The server is overloaded: too many requests are waiting; try again later",
+            None,
+        );
+    }
     if ask.stream {
         return stream(
             shared,

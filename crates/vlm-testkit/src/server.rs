@@ -88,6 +88,8 @@ pub struct EmulatorConfig {
     pub loading_for: Duration,
     /// For `VlmBackend::Triton`: which model repository it serves.
     pub triton_model: crate::TritonModel,
+    /// A capacity model for chat completions (none: every request is answered at once).
+    pub capacity: Option<crate::Capacity>,
 }
 
 impl EmulatorConfig {
@@ -103,7 +105,14 @@ impl EmulatorConfig {
             flavor: OpenAiFlavor::default(),
             loading_for: Duration::ZERO,
             triton_model: crate::TritonModel::default(),
+            capacity: None,
         }
+    }
+
+    /// Answers chat completions as a server of this capacity would (see [`crate::Capacity`]).
+    pub fn with_capacity(mut self, capacity: crate::Capacity) -> Self {
+        self.capacity = Some(capacity);
+        self
     }
 
     /// For Triton: serve this kind of model.
@@ -295,6 +304,7 @@ pub(crate) struct Shared {
     pub(crate) faults: Mutex<Faults>,
     pub(crate) requests: Mutex<Vec<RecordedRequest>>,
     pub(crate) counter: std::sync::atomic::AtomicU64,
+    pub(crate) capacity: Option<crate::capacity::CapacityState>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -446,6 +456,11 @@ impl Emulator {
             .collect()
     }
 
+    /// What the capacity model did, when there is one.
+    pub fn capacity_stats(&self) -> Option<crate::CapacityStats> {
+        self.shared.capacity.as_ref().map(|c| c.stats())
+    }
+
     /// Forgets the recorded requests.
     pub fn clear_requests(&self) {
         lock(&self.shared.requests).clear();
@@ -466,6 +481,7 @@ impl Shared {
             faults: Mutex::new(Faults::default()),
             requests: Mutex::new(Vec::new()),
             counter: std::sync::atomic::AtomicU64::new(0),
+            capacity: config.capacity.map(crate::capacity::CapacityState::new),
         }
     }
 }
