@@ -39,7 +39,7 @@ mod settings;
 use std::sync::Arc;
 
 pub use settings::{KEYS, KeySpec, SettingsLoader, Source, VlmSettings, known_keys};
-pub use vlm_core::{VlmBackend, VlmClient, VlmError};
+pub use vlm_core::{ReplicaOptions, Replicas, VlmBackend, VlmClient, VlmError};
 
 /// The backends compiled into this build.
 ///
@@ -70,7 +70,9 @@ pub fn is_compiled(backend: VlmBackend) -> bool {
     }
 }
 
-/// Builds the client the settings describe. Nothing is sent to the server yet.
+/// Builds the client the settings describe. Nothing is sent to the server yet. With several
+/// endpoints (`vlm_base_url` a list) it is a [`Replicas`] over one client each, with the default
+/// [`ReplicaOptions`]; [`build_replicas`] chooses the options.
 ///
 /// ```
 /// use vlm_factory::{VlmSettings, build_client};
@@ -86,13 +88,56 @@ pub fn is_compiled(backend: VlmBackend) -> bool {
 /// }
 /// ```
 pub fn build_client(settings: &VlmSettings) -> Result<Arc<dyn VlmClient>, VlmError> {
+    if settings.base_urls.len() > 1 {
+        return Ok(Arc::new(build_replicas(settings, replica_options(settings))?));
+    }
+    build_one(settings, settings.client_config()?)
+}
+
+/// The replica options the settings imply: a request that may have run is sent to another
+/// endpoint only under `vlm_retry_timeouts`.
+pub fn replica_options(settings: &VlmSettings) -> ReplicaOptions {
+    ReplicaOptions::default().resend_may_have_run(settings.retry_timeouts)
+}
+
+/// One client per endpoint of the settings (one or several), behind one [`Replicas`]: requests
+/// go to the ready endpoint with the fewest in flight, failed endpoints leave the rotation and
+/// are probed back, an outage is waited out up to `options.outage_wait`.
+///
+/// ```
+/// use vlm_factory::{VlmSettings, build_replicas, replica_options};
+///
+/// let settings = VlmSettings::loader()
+///     .set_override("vlm_base_url", "http://gpu1:8000/v1,http://gpu2:8000/v1", "--vlm-base-url")
+///     .load()
+///     .unwrap();
+/// assert_eq!(settings.base_urls.len(), 2);
+/// if let Ok(replicas) = build_replicas(&settings, replica_options(&settings).adaptive(64)) {
+///     assert_eq!(replicas.clients().count(), 2);
+/// }
+/// ```
+pub fn build_replicas(
+    settings: &VlmSettings,
+    options: ReplicaOptions,
+) -> Result<Replicas, VlmError> {
+    let clients = settings
+        .client_configs()?
+        .into_iter()
+        .map(|config| build_one(settings, config))
+        .collect::<Result<Vec<_>, _>>()?;
+    Replicas::new(clients, options)
+}
+
+fn build_one(
+    settings: &VlmSettings,
+    config: vlm_core::ClientConfig,
+) -> Result<Arc<dyn VlmClient>, VlmError> {
     if settings.is_auto() {
         return Err(VlmError::config(
             "vlm_backend = \"auto\": the backend is not detected yet; call \
              vlm_factory::resolve_backend(settings) before build_client",
         ));
     }
-    let config = settings.client_config()?;
     let built: Result<Arc<dyn VlmClient>, VlmError> = match settings.backend {
         #[cfg(feature = "vllm")]
         VlmBackend::Vllm => vlm_vllm::VllmClient::new(config).map(|c| Arc::new(c) as _),

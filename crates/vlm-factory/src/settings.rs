@@ -38,7 +38,7 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec {
         key: "vlm_base_url",
         default: "(the backend's default)",
-        doc: "base URL of the server, e.g. http://localhost:8000/v1",
+        doc: "base URL of the server, e.g. http://localhost:8000/v1; several replicas of one model: a list (a TOML array, or comma-separated in a flag or variable)",
     },
     KeySpec {
         key: "vlm_model",
@@ -569,8 +569,11 @@ pub struct VlmSettings {
     pub tool: String,
     /// The backend (`vlm_backend`).
     pub backend: VlmBackend,
-    /// The normalised base URL for that backend.
+    /// The normalised base URL for that backend (the first of [`base_urls`](Self::base_urls)).
     pub base_url: Url,
+    /// Every endpoint, when `vlm_base_url` lists several (a TOML array, or comma-separated);
+    /// never empty.
+    pub base_urls: Vec<Url>,
     /// The model, `None` to discover it.
     pub model: Option<String>,
     /// The API key; its `Debug` shows `***`.
@@ -678,7 +681,14 @@ impl VlmSettings {
                     self.backend.to_string()
                 },
             ),
-            row("vlm_base_url", self.base_url.to_string()),
+            row(
+                "vlm_base_url",
+                self.base_urls
+                    .iter()
+                    .map(Url::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
             row(
                 "vlm_model",
                 self.model
@@ -709,9 +719,21 @@ impl VlmSettings {
         ]
     }
 
-    /// The client configuration these settings describe.
+    /// The client configuration these settings describe (for the first endpoint).
     pub fn client_config(&self) -> Result<ClientConfig, VlmError> {
-        let mut config = ClientConfig::new(self.backend, self.base_url.as_str())?
+        self.client_config_for(&self.base_url)
+    }
+
+    /// One client configuration per endpoint, in the order listed.
+    pub fn client_configs(&self) -> Result<Vec<ClientConfig>, VlmError> {
+        self.base_urls
+            .iter()
+            .map(|url| self.client_config_for(url))
+            .collect()
+    }
+
+    fn client_config_for(&self, base_url: &Url) -> Result<ClientConfig, VlmError> {
+        let mut config = ClientConfig::new(self.backend, base_url.as_str())?
             .with_timeout(self.timeout)
             .with_connect_timeout(self.connect_timeout)
             .with_health_timeout(self.health_timeout)
@@ -746,6 +768,45 @@ fn number(raw: &Raw) -> Option<f64> {
         Raw::Toml(Value::Num(_, n)) => Some(num_f64(n)),
         other => other.text()?.trim().parse::<f64>().ok(),
     }
+}
+
+/// `vlm_base_url` as one URL or several: a TOML array, or comma-separated text (a flag, a
+/// variable, a TOML string). Each is normalised; an empty or repeated entry is an error.
+fn base_url_list(backend: VlmBackend, raw: &Raw, source: &Source) -> Result<Vec<Url>, VlmError> {
+    let items: Vec<String> = match raw {
+        Raw::Toml(Value::Array(_, items)) => items
+            .iter()
+            .map(|item| Raw::Toml(item.clone()).text())
+            .collect::<Option<Vec<String>>>()
+            .ok_or_else(|| invalid("vlm_base_url", raw, source, "a URL or a list of URLs"))?,
+        other => other
+            .text()
+            .ok_or_else(|| invalid("vlm_base_url", raw, source, "a URL or a list of URLs"))?
+            .split(',')
+            .map(str::to_owned)
+            .collect(),
+    };
+    let mut urls: Vec<Url> = Vec::with_capacity(items.len());
+    for item in &items {
+        let text = item.trim();
+        if text.is_empty() {
+            return Err(VlmError::config(format!(
+                "invalid vlm_base_url {} (from {source}): an empty entry; give URLs separated by \
+                 commas, e.g. http://gpu1:8000/v1,http://gpu2:8000/v1",
+                raw.shown()
+            )));
+        }
+        let url = normalize_base_url(backend, text).map_err(|e| {
+            VlmError::config(format!("invalid vlm_base_url (from {source}): {e}"))
+        })?;
+        if urls.contains(&url) {
+            return Err(VlmError::config(format!(
+                "vlm_base_url (from {source}) names {url} twice; list each endpoint once"
+            )));
+        }
+        urls.push(url);
+    }
+    Ok(urls)
 }
 
 /// The longest timeout accepted: 7 days.
@@ -812,16 +873,11 @@ fn resolve(
         Choice::Auto => VlmBackend::OpenAi,
     };
 
-    let base_url = match for_backend(layers, "base_url", choice) {
+    let base_urls = match for_backend(layers, "base_url", choice) {
         Some((raw, source)) => {
-            let text = raw
-                .text()
-                .ok_or_else(|| invalid("vlm_base_url", &raw, &source, "a URL"))?;
-            let url = normalize_base_url(backend, &text).map_err(|e| {
-                VlmError::config(format!("invalid vlm_base_url (from {source}): {e}"))
-            })?;
+            let urls = base_url_list(backend, &raw, &source)?;
             sources.insert("vlm_base_url", source);
-            url
+            urls
         }
         None if choice == Choice::Auto => {
             return Err(VlmError::config(
@@ -830,10 +886,11 @@ fn resolve(
             ));
         }
         None => match backend.default_base_url() {
-            Some(url) => normalize_base_url(backend, url)?,
+            Some(url) => vec![normalize_base_url(backend, url)?],
             None => return Err(vlm_core::no_default_url(backend)),
         },
     };
+    let base_url = base_urls[0].clone();
 
     let model = match for_backend(layers, "model", choice) {
         Some((raw, source)) => {
@@ -980,6 +1037,7 @@ fn resolve(
         tool,
         backend,
         base_url,
+        base_urls,
         model,
         api_key,
         timeout,

@@ -648,3 +648,50 @@ fn secrets_never_show_in_parse_errors_or_debug_output() {
         "{err}"
     );
 }
+
+#[test]
+fn a_base_url_list_comes_from_a_toml_array_a_flag_or_a_variable() {
+    let dir = fresh_dir();
+    std::fs::write(
+        dir.join("pyproject.toml"),
+        "[tool.imageworks.color_narrator]\nvlm_lmdeploy_base_url = [\"http://gpu1:23333\", \"http://gpu2:23333/v1\"]\n",
+    )
+    .unwrap();
+    let settings = VlmSettings::loader()
+        .cwd(&dir)
+        .set_override("vlm_backend", "lmdeploy", "--vlm-backend")
+        .load()
+        .unwrap();
+    let urls: Vec<&str> = settings.base_urls.iter().map(|u| u.as_str()).collect();
+    assert_eq!(urls, ["http://gpu1:23333/v1/", "http://gpu2:23333/v1/"]);
+    assert_eq!(settings.base_url, settings.base_urls[0]);
+    let shown = settings
+        .entries()
+        .into_iter()
+        .find(|(k, _, _)| *k == "vlm_base_url")
+        .unwrap();
+    assert_eq!(shown.1, "http://gpu1:23333/v1/, http://gpu2:23333/v1/");
+    assert_eq!(settings.client_configs().unwrap().len(), 2);
+
+    let from_env = VlmSettings::loader()
+        .cwd(&dir)
+        .env([("VLM_BASE_URL", " http://a:8000/v1 , http://b:8000/v1")])
+        .load()
+        .unwrap();
+    assert_eq!(from_env.base_urls.len(), 2);
+    assert_eq!(from_env.base_urls[1].as_str(), "http://b:8000/v1/");
+
+    for (value, expected) in [
+        ("http://a:8000/v1,,http://b:8000/v1", "an empty entry"),
+        ("http://a:8000/v1,http://a:8000/v1/", "twice"),
+    ] {
+        let err = VlmSettings::loader()
+            .cwd(&dir)
+            .set_override("vlm_base_url", value, "--vlm-base-url")
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected) && err.contains("--vlm-base-url"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
