@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use vlm_core::VlmBackend;
+use vlm_core::{VlmBackend, VlmClient as _};
 use vlm_factory::{build_client, is_compiled};
 
 use crate::{Exit, Failure, GlobalOpts};
@@ -60,32 +60,74 @@ pub struct EmulateArgs {
     token_rate: f64,
 }
 
-/// `vlm health`: prints the report; exit 0 when ready, 3 otherwise.
+/// `vlm health`: prints the report, one block per endpoint when `vlm_base_url` lists several;
+/// exit 0 when (at least one endpoint) is ready, 3 otherwise.
 pub async fn health(global: &GlobalOpts, args: HealthArgs) -> Result<Exit, Failure> {
     let (settings, detected) = global.load_resolved(&[], args.wait).await?;
-    let client = build_client(&settings)?;
-    let report = crate::check_health(&*client, args.wait).await?;
+    let replicas = vlm_factory::build_replicas(&settings, vlm_factory::replica_options(&settings))?;
+    let endpoints = settings.base_urls.len();
+    let reports = if endpoints == 1 {
+        vec![Ok(crate::check_health(&replicas, args.wait).await?)]
+    } else {
+        if let Some(wait) = args.wait {
+            replicas.wait_ready(wait).await?;
+        }
+        replicas.health_all().await
+    };
+    let mut ready = 0;
+    for (i, (client, report)) in replicas.clients().zip(&reports).enumerate() {
+        if endpoints > 1 {
+            if i > 0 {
+                crate::outln!("");
+            }
+            crate::outln!("endpoint {} of {endpoints}: {}", i + 1, client.base_url());
+        }
+        let report = match report {
+            Ok(report) => report,
+            Err(e) => {
+                crate::outln!("error: {}", vlm_core::text::escape_controls(&e.to_string()));
+                continue;
+            }
+        };
+        ready += usize::from(report.is_ready());
+        print_report(report, detected.as_ref().filter(|_| i == 0));
+    }
+    if ready > 0 {
+        let of = if endpoints > 1 {
+            format!(" ({ready} of {endpoints} endpoints ready)")
+        } else {
+            String::new()
+        };
+        tracing::info!(
+            "🤖 VLM: {}/{}{of}",
+            replicas.backend(),
+            vlm_core::text::shown_model(replicas.model().unwrap_or("(unknown)"))
+        );
+        return Ok(Exit::Ok);
+    }
+    match reports.into_iter().next() {
+        Some(Ok(report)) if endpoints == 1 => Err(crate::not_ready(&replicas, &report)),
+        _ => Err(Failure {
+            exit: Exit::Server,
+            message: format!(
+                "none of the {endpoints} endpoints is ready (each block above says why)"
+            ),
+        }),
+    }
+}
+
+/// A health report: `backend: <name>` first, then how `auto` found it, then the rest.
+fn print_report(report: &vlm_core::HealthReport, detected: Option<&vlm_core::Detection>) {
     let text = report.to_string();
     let mut lines = text.trim_end().lines();
-    // `backend: <name>` first, then how `auto` found it.
     if let Some(first) = lines.next() {
         crate::outln!("{first}");
     }
-    if let Some(found) = &detected {
+    if let Some(found) = detected {
         crate::outln!("detected: {found}");
     }
     for line in lines {
         crate::outln!("{line}");
-    }
-    if report.is_ready() {
-        tracing::info!(
-            "🤖 VLM: {}/{}",
-            client.backend(),
-            vlm_core::text::shown_model(client.model().unwrap_or("(unknown)"))
-        );
-        Ok(Exit::Ok)
-    } else {
-        Err(crate::not_ready(&*client, &report))
     }
 }
 

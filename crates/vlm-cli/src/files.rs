@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::shard::Shard;
+
 /// The extensions a folder walk picks up, matched case-insensitively.
 pub const EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "gif"];
 
@@ -30,6 +32,8 @@ pub struct Inputs {
     ends: Vec<usize>,
     #[cfg(not(unix))]
     paths: Vec<PathBuf>,
+    /// Images found that belong to other shards (`--shard`).
+    pub other_shards: usize,
 }
 
 impl Inputs {
@@ -99,12 +103,13 @@ struct Seen {
     #[cfg(unix)]
     files: std::collections::HashSet<(u64, u64)>,
     duplicates: usize,
+    shard: Option<Shard>,
 }
 
 impl Seen {
     /// Adds `path` unless its file is already listed. A path that cannot be looked at (missing,
     /// a dangling link) is always added: it becomes an error record.
-    fn add(&mut self, path: &Path, found: &mut Inputs) {
+    fn add(&mut self, path: &Path, relative: &Path, found: &mut Inputs) {
         #[cfg(unix)]
         {
             use std::os::unix::fs::MetadataExt as _;
@@ -115,6 +120,10 @@ impl Seen {
                 return;
             }
         }
+        if self.shard.is_some_and(|s| !s.takes(relative)) {
+            found.other_shards += 1;
+            return;
+        }
         found.push(path);
     }
 }
@@ -123,22 +132,31 @@ impl Seen {
 /// extension; a file named explicitly is always attempted, whatever its name, and so is a path
 /// that does not exist (it becomes an error record, never a silent skip). Each file is listed
 /// once, under the first name found. Returns the inputs and warnings.
-pub fn discover(args: &[PathBuf]) -> (Inputs, Vec<String>) {
+///
+/// With `shard`, only the images of that shard are listed (after duplicates are dropped, so a
+/// file named two ways is still narrated once in all): each is hashed by its path relative to
+/// the argument it was found under (a file given by name: its file name), the same on every
+/// machine. [`Inputs::other_shards`] counts the rest.
+pub fn discover(args: &[PathBuf], shard: Option<Shard>) -> (Inputs, Vec<String>) {
     let mut inputs = Inputs::default();
     let mut warnings = Vec::new();
-    let mut seen = Seen::default();
+    let mut seen = Seen {
+        shard,
+        ..Seen::default()
+    };
     for arg in args {
         if arg.is_dir() {
-            let before = inputs.len() + seen.duplicates;
-            walk(arg, &mut inputs, &mut seen, &mut warnings);
-            if inputs.len() + seen.duplicates == before {
+            let before = inputs.len() + seen.duplicates + inputs.other_shards;
+            walk(arg, arg, &mut inputs, &mut seen, &mut warnings);
+            if inputs.len() + seen.duplicates + inputs.other_shards == before {
                 warnings.push(format!(
                     "{}: no .jpg, .jpeg, .png, .webp or .gif files in this folder",
                     arg.display()
                 ));
             }
         } else {
-            seen.add(arg, &mut inputs);
+            let name = arg.file_name().map_or_else(|| arg.clone(), PathBuf::from);
+            seen.add(arg, &name, &mut inputs);
         }
     }
     if seen.duplicates > 0 {
@@ -155,7 +173,7 @@ pub fn discover(args: &[PathBuf]) -> (Inputs, Vec<String>) {
 
 /// Depth first, each folder's entries sorted by name: the same order as sorting the full paths
 /// component by component, without ever holding more than one folder's listing.
-fn walk(dir: &Path, found: &mut Inputs, seen: &mut Seen, warnings: &mut Vec<String>) {
+fn walk(root: &Path, dir: &Path, found: &mut Inputs, seen: &mut Seen, warnings: &mut Vec<String>) {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {
@@ -173,9 +191,10 @@ fn walk(dir: &Path, found: &mut Inputs, seen: &mut Seen, warnings: &mut Vec<Stri
         // Symlinked folders are not followed (no loops). Any other entry with an image extension
         // is attempted, a dangling link included: it becomes an error record, not a silent skip.
         if kind.is_dir() {
-            walk(&path, found, seen, warnings);
+            walk(root, &path, found, seen, warnings);
         } else if has_image_extension(&path) && !(kind.is_symlink() && path.is_dir()) {
-            seen.add(&path, found);
+            let relative = path.strip_prefix(root).unwrap_or(&path);
+            seen.add(&path, relative, found);
         }
     }
 }
@@ -200,8 +219,10 @@ mod tests {
         ] {
             std::fs::write(dir.join(name), b"x").unwrap();
         }
-        let (inputs, warnings) =
-            discover(&[dir.clone(), dir.join("notes.txt"), dir.join("missing.jpg")]);
+        let (inputs, warnings) = discover(
+            &[dir.clone(), dir.join("notes.txt"), dir.join("missing.jpg")],
+            None,
+        );
         let names: Vec<String> = inputs
             .into_iter()
             .map(|i| {
@@ -245,7 +266,7 @@ mod tests {
             dir.join("missing.png"),
             dir.join("missing.png"),
         ];
-        let (inputs, warnings) = discover(&args);
+        let (inputs, warnings) = discover(&args, None);
         let names: Vec<String> = inputs.into_iter().map(|i| i.shown()).collect();
         assert_eq!(
             names,

@@ -2,12 +2,14 @@
 //! Ollama or any OpenAI-compatible one — chosen by configuration or `--vlm-backend`.
 
 mod commands;
+mod concurrency;
 mod emulate;
 mod files;
 mod narrate;
 mod output;
 mod resize;
 mod run;
+mod shard;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -158,28 +160,58 @@ pub async fn check_health(
     })
 }
 
-/// The client `narrate` and `run` send through: built, its server checked (polled up to `wait`),
-/// refused with the health report when the server is not ready or the model cannot take images
-/// from this client (a Triton model that wants preprocessed pixels, a text-only one, Triton's
-/// OpenAI frontend), then named in the `🤖 VLM:` log line. Call it before the output is opened.
+/// How long requests wait for a server that went away mid-run (a restart, a model swap)
+/// before the run stops with exit 3, unless `--wait` says otherwise.
+pub const OUTAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The client `narrate` and `run` send through: one client per endpoint behind
+/// [`vlm_core::Replicas`], checked (polled up to `wait`), refused with the health report when no
+/// endpoint is ready or the model cannot take images from this client (a Triton model that
+/// wants preprocessed pixels, a text-only one, Triton's OpenAI frontend), then named in the
+/// `🤖 VLM:` log line. Call it before the output is opened.
 pub async fn ready_client(
     settings: &VlmSettings,
     wait: Option<std::time::Duration>,
-) -> Result<std::sync::Arc<dyn vlm_core::VlmClient>, Failure> {
-    let client = vlm_factory::build_client(settings)?;
-    let report = check_health(&*client, wait).await?;
+    options: vlm_core::ReplicaOptions,
+) -> Result<vlm_core::Replicas, Failure> {
+    use vlm_core::VlmClient as _;
+    let client = vlm_factory::build_replicas(settings, options)?;
+    let report = check_health(&client, wait).await?;
     if let Err(e) = client.image_support().await
         && e.is_unsupported()
     {
         eprint!("{report}");
         return Err(e.into());
     }
+    let stats = client.stats();
     if !report.is_ready() {
         eprint!("{report}");
-        return Err(not_ready(&*client, &report));
+        let mut failure = not_ready(&client, &report);
+        if stats.len() > 1 {
+            failure.message = format!(
+                "none of the {} endpoints is ready; {}",
+                stats.len(),
+                failure.message
+            );
+        }
+        return Err(failure);
     }
+    for out in stats.iter().filter(|s| !s.in_rotation) {
+        tracing::warn!(
+            "endpoint {} is not ready; requests go to the others until it is",
+            out.base_url
+        );
+    }
+    let endpoints = match stats.len() {
+        1 => String::new(),
+        n => format!(
+            " ({} endpoints, {} ready)",
+            n,
+            stats.iter().filter(|s| s.in_rotation).count()
+        ),
+    };
     tracing::info!(
-        "🤖 VLM: {}/{}",
+        "🤖 VLM: {}/{}{endpoints}",
         client.backend(),
         vlm_core::text::shown_model(client.model().unwrap_or("(unknown)"))
     );
@@ -193,7 +225,7 @@ pub fn not_ready(client: &dyn vlm_core::VlmClient, report: &vlm_core::HealthRepo
         message: format!(
             "the {} server at {} is {}: {}",
             client.backend(),
-            client.base_url(),
+            report.base_url,
             report.state.label(),
             report.state.reason().unwrap_or("not ready")
         ),

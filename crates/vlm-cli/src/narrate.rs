@@ -15,6 +15,7 @@ use vlm_core::{
     describe_non_image, encode_data_url,
 };
 
+use crate::concurrency::Concurrency;
 use crate::emulate::Emulator;
 use crate::files::{Input, discover};
 use crate::output::{Previous, Record, Sink};
@@ -68,9 +69,16 @@ pub struct NarrateArgs {
     /// prompt goes, e.g. "<|image|>{prompt}" [setting: vlm_prompt_template]
     #[arg(long, value_name = "TEMPLATE")]
     prompt_template: Option<String>,
-    /// Requests in flight at once
-    #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
-    concurrency: u32,
+    /// Requests in flight at once (1-1024), or auto: start at 2 per endpoint and adapt to what
+    /// each server sustains (growing while it keeps up, backing off on queueing, 429, 503 and
+    /// timeouts; vLLM's published queue is kept short)
+    #[arg(long, default_value = "4", value_name = "N|auto", value_parser = crate::concurrency::parse)]
+    concurrency: crate::concurrency::Concurrency,
+    /// Narrate only shard I of N (I/N, 0 <= I < N): the images whose path, relative to the
+    /// folder given, hashes into it, the same on every machine; auto reads a Kubernetes Indexed
+    /// Job (JOB_COMPLETION_INDEX of VLM_SHARD_COUNT) or a Slurm array (SLURM_ARRAY_TASK_*)
+    #[arg(long, value_name = "I/N|auto")]
+    shard: Option<String>,
     /// Write the JSONL records to this file instead of stdout
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
@@ -80,7 +88,9 @@ pub struct NarrateArgs {
     /// Replace an existing --output
     #[arg(long, requires = "output")]
     overwrite: bool,
-    /// Wait up to this many seconds for a server that is still starting
+    /// Wait up to this many seconds for a server that is still starting before the run; during
+    /// the run, how long requests wait for a server that went away (default 60) before the run
+    /// stops with exit 3
     #[arg(long, value_name = "SECONDS", value_parser = crate::parse_seconds)]
     wait: Option<Duration>,
     /// Print the answer's text to stdout as it is generated (exactly one image; the record goes
@@ -105,7 +115,12 @@ pub struct NarrateArgs {
 
 enum Outcome {
     Record(Box<Record>),
+    /// The error record of an image whose server went away and did not come back within the
+    /// wait: the intake stops.
+    Gone(Box<Record>),
     Skipped,
+    /// Not started: the intake had stopped by the time there was room for it.
+    NotStarted,
 }
 
 struct Job {
@@ -260,6 +275,10 @@ impl Job {
                 error: None,
                 json,
             },
+            Err(e) if e.is_unreachable() => {
+                let record = self.failure(&input, Some(sha256), e.to_string(), latency_ms);
+                return Outcome::Gone(Box::new(record));
+            }
             Err(e) => self.failure(&input, Some(sha256), e.to_string(), latency_ms),
         }))
     }
@@ -421,6 +440,11 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
         ]
     };
     let mut settings = global.load_settings(&extra(None))?;
+    let shard = args
+        .shard
+        .as_deref()
+        .map(|s| crate::shard::Shard::parse(s, |name| std::env::var(name).ok()))
+        .transpose()?;
     let prompt = load_prompt(&args)?;
     let schema = args.json_schema.as_deref().map(read_schema).transpose()?;
     crate::resize::check_available(settings.max_image_edge)?;
@@ -449,11 +473,22 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     if let Some(path) = &args.output {
         crate::output::refuse_existing(path, args.resume, args.overwrite)?;
     }
-    let client = crate::ready_client(&settings, args.wait).await?;
+    let options = vlm_factory::replica_options(&settings)
+        .outage_wait(args.wait.unwrap_or(crate::OUTAGE_WAIT));
+    let replicas =
+        crate::ready_client(&settings, args.wait, args.concurrency.options(options)).await?;
+    let client: Arc<dyn VlmClient> = Arc::new(replicas.clone());
 
-    let (inputs, warnings) = discover(&args.paths);
+    let (inputs, warnings) = discover(&args.paths, shard);
     for w in warnings {
         tracing::warn!("{}", escape_controls(&w));
+    }
+    if let Some(shard) = shard {
+        tracing::info!(
+            "shard {shard}: {} of {} image(s) found are this shard's",
+            inputs.len(),
+            inputs.len() + inputs.other_shards
+        );
     }
     if args.stream && inputs.len() != 1 {
         // Said before the output is opened: --overwrite must not empty it for nothing.
@@ -476,14 +511,13 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
         let sink = args.output.is_some().then_some(sink);
         return stream_one(&job, inputs.into_iter().collect(), sink).await;
     }
-    narrate_all(
-        Arc::new(job),
-        inputs,
-        sink,
-        args.concurrency as usize,
-        global.quiet,
-    )
-    .await
+    let run = Run {
+        replicas,
+        concurrency: args.concurrency,
+        outage_wait: args.wait.unwrap_or(crate::OUTAGE_WAIT),
+        quiet: global.quiet,
+    };
+    narrate_all(Arc::new(job), inputs, sink, run).await
 }
 
 /// Says what resuming found in the existing output.
@@ -535,31 +569,56 @@ struct Tally {
     skipped: usize,
     /// Records that could not be written.
     unwritten: usize,
+    /// Error records of images whose server went away for good.
+    gone: usize,
 }
 
-/// Narrates every input with bounded concurrency, writing each record as its image finishes.
-async fn narrate_all(
-    job: Arc<Job>,
-    inputs: crate::files::Inputs,
-    mut sink: Sink,
-    concurrency: usize,
+/// How a run sends: through which endpoints, with what concurrency.
+struct Run {
+    replicas: vlm_core::Replicas,
+    concurrency: Concurrency,
+    /// How long requests wait for a server that went away.
+    outage_wait: Duration,
     quiet: bool,
-) -> Result<Exit, Failure> {
-    let total = inputs.len();
-    let progress = (std::io::stderr().is_terminal() && !quiet).then(|| {
+}
+
+impl Run {
+    /// The progress bar's note: the adaptive level, when adaptive.
+    fn level(&self) -> String {
+        match self.replicas.capacity() {
+            Some(level) => format!(", concurrency {level} (auto)"),
+            None => String::new(),
+        }
+    }
+}
+
+fn progress_bar(total: usize, quiet: bool) -> Option<indicatif::ProgressBar> {
+    (std::io::stderr().is_terminal() && !quiet).then(|| {
         let bar = indicatif::ProgressBar::new(total as u64);
         if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} images, {per_sec}, eta {eta}",
+            "{bar:40} {pos}/{len} images, {per_sec}, eta {eta}{msg}",
         ) {
             bar.set_style(style);
         }
         bar
-    });
+    })
+}
 
+/// Narrates every input with bounded (or adaptive) concurrency, writing each record as its
+/// image finishes.
+async fn narrate_all(
+    job: Arc<Job>,
+    inputs: crate::files::Inputs,
+    mut sink: Sink,
+    run: Run,
+) -> Result<Exit, Failure> {
+    let total = inputs.len();
+    let progress = progress_bar(total, run.quiet);
     let started = Instant::now();
     let mut tally = Tally::default();
     // Bounded concurrency that pulls the next image only when there is room; clearing `intake`
-    // (Ctrl-C, an output that cannot be written) stops new work while work in flight finishes.
+    // (Ctrl-C, an output that cannot be written, a server gone for good) stops new work while
+    // work in flight finishes.
     let intake = Arc::new(AtomicBool::new(true));
     let launched = Arc::new(AtomicUsize::new(0));
     let inputs = {
@@ -568,60 +627,46 @@ async fn narrate_all(
             .into_iter()
             .take_while(move |_| intake.load(Ordering::SeqCst))
     };
-    let results = vlm_core::batch::bounded(inputs, concurrency, {
-        let (job, launched) = (job.clone(), launched.clone());
+    let cap = run.concurrency.cap(run.replicas.clients().count());
+    let adaptive = run.concurrency == Concurrency::Auto;
+    let results = vlm_core::batch::bounded(inputs, cap, {
+        let (job, launched, intake) = (job.clone(), launched.clone(), intake.clone());
+        let replicas = run.replicas.clone();
         move |input| {
-            launched.fetch_add(1, Ordering::SeqCst);
-            // Spawned, so requests run on every core. Should the task die, the image still gets
-            // its (error) record: nothing is silently lost.
-            let job = job.clone();
+            let (job, launched, intake) = (job.clone(), launched.clone(), intake.clone());
+            let replicas = replicas.clone();
             async move {
+                // Adaptive: an image is read only when the servers have room for it.
+                let admitted = match adaptive {
+                    true => Some(replicas.admit().await),
+                    false => None,
+                };
+                if !intake.load(Ordering::SeqCst) {
+                    return Outcome::NotStarted;
+                }
+                launched.fetch_add(1, Ordering::SeqCst);
+                // Spawned, so requests run on every core. Should the task die, the image still
+                // gets its (error) record: nothing is silently lost.
                 let task = tokio::spawn({
                     let (job, input) = (job.clone(), input.clone());
                     async move { job.run(input).await }
                 });
-                task.await.unwrap_or_else(|e| {
+                let outcome = task.await.unwrap_or_else(|e| {
                     let error = format!(
                         "image {}: internal error while narrating it: {e}",
                         input.shown()
                     );
                     Outcome::Record(Box::new(job.failure(&input, None, error, 0)))
-                })
+                });
+                drop(admitted);
+                outcome
             }
         }
     });
     let drained = drain(results, &intake, Some(&*launched), |outcome| {
-        let written = match outcome {
-            Outcome::Skipped => {
-                tally.skipped += 1;
-                Ok(())
-            }
-            Outcome::Record(record) => {
-                if let Some(error) = &record.error {
-                    let line = escape_controls(&format!("{}: {error}", record.path)).into_owned();
-                    match &progress {
-                        Some(bar) => bar.println(format!("error: {line}")),
-                        None => tracing::error!("{line}"),
-                    }
-                }
-                match sink.write(&record) {
-                    Ok(()) if record.error.is_some() => {
-                        tally.failed += 1;
-                        Ok(())
-                    }
-                    Ok(()) => {
-                        tally.done += 1;
-                        Ok(())
-                    }
-                    Err(e) => {
-                        tally.unwritten += 1;
-                        Err(e)
-                    }
-                }
-            }
-        };
+        let written = take(outcome, &mut sink, &mut tally, progress.as_ref(), &intake);
         if let Some(bar) = &progress {
-            bar.inc(1);
+            bar.set_message(run.level());
         }
         written
     })
@@ -629,8 +674,9 @@ async fn narrate_all(
     if let Some(bar) = &progress {
         bar.finish_and_clear();
     }
-    if !quiet {
+    if !run.quiet {
         summarise(&tally, total, started.elapsed().as_secs_f64(), &sink);
+        summarise_endpoints(&run.replicas);
     }
     if let Some(e) = drained.write_error {
         let next = match &sink {
@@ -651,7 +697,104 @@ async fn narrate_all(
             ),
         });
     }
+    if tally.gone > 0 && !drained.interrupted {
+        let attempted = tally.done + tally.failed + tally.unwritten + tally.skipped;
+        let resume = match &sink {
+            Sink::File { .. } => "; run again with --resume to finish once the server is back",
+            Sink::Stdout => "; run again with --output FILE --resume to keep what is done",
+        };
+        return Err(Failure {
+            exit: Exit::Server,
+            message: format!(
+                "the server went away and did not come back within {:.0} s (--wait): {} \
+                 image(s) failed for it and {} were not started{resume}",
+                run.outage_wait.as_secs_f64(),
+                tally.gone,
+                total.saturating_sub(attempted)
+            ),
+        });
+    }
     Ok(drained.exit(tally.failed))
+}
+
+/// Writes one result and counts it; a server gone for good stops the intake.
+fn take(
+    outcome: Outcome,
+    sink: &mut Sink,
+    tally: &mut Tally,
+    progress: Option<&indicatif::ProgressBar>,
+    intake: &AtomicBool,
+) -> std::io::Result<()> {
+    let record = match outcome {
+        Outcome::NotStarted => return Ok(()),
+        Outcome::Skipped => {
+            tally.skipped += 1;
+            if let Some(bar) = progress {
+                bar.inc(1);
+            }
+            return Ok(());
+        }
+        Outcome::Record(record) => record,
+        Outcome::Gone(record) => {
+            tally.gone += 1;
+            intake.store(false, Ordering::SeqCst);
+            record
+        }
+    };
+    if let Some(bar) = progress {
+        bar.inc(1);
+    }
+    if let Some(error) = &record.error {
+        let line = escape_controls(&format!("{}: {error}", record.path)).into_owned();
+        match progress {
+            Some(bar) => bar.println(format!("error: {line}")),
+            None => tracing::error!("{line}"),
+        }
+    }
+    match sink.write(&record) {
+        Ok(()) if record.error.is_some() => {
+            tally.failed += 1;
+            Ok(())
+        }
+        Ok(()) => {
+            tally.done += 1;
+            Ok(())
+        }
+        Err(e) => {
+            tally.unwritten += 1;
+            Err(e)
+        }
+    }
+}
+
+/// With several endpoints, what each answered; with `--concurrency auto`, where it settled.
+fn summarise_endpoints(replicas: &vlm_core::Replicas) {
+    let stats = replicas.stats();
+    if stats.len() > 1 {
+        let each: Vec<String> = stats
+            .iter()
+            .map(|s| {
+                let out = if s.in_rotation {
+                    ""
+                } else {
+                    " (out of the rotation)"
+                };
+                format!("{} {} answered{out}", s.base_url, s.answered)
+            })
+            .collect();
+        eprintln!("endpoints: {}", each.join(", "));
+    }
+    if let Some(level) = replicas.capacity() {
+        let ranges: Vec<String> = stats
+            .iter()
+            .filter_map(|s| s.limit_range)
+            .map(|(low, high)| format!("{low}-{high}"))
+            .collect();
+        eprintln!(
+            "concurrency auto: {level} in flight at the end (per endpoint it ranged {})",
+            ranges.join(", ")
+        );
+    }
 }
 
 /// The summary line: what was narrated and written, never counting what was lost.

@@ -32,10 +32,12 @@ pub struct RunArgs {
     /// Replace an existing --output
     #[arg(long, requires = "output")]
     overwrite: bool,
-    /// Requests in flight at once
-    #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
-    concurrency: u32,
-    /// Wait up to this many seconds for a server that is still starting
+    /// Requests in flight at once (1-1024), or auto: adapted to what each server sustains
+    #[arg(long, default_value = "4", value_name = "N|auto", value_parser = crate::concurrency::parse)]
+    concurrency: crate::concurrency::Concurrency,
+    /// Wait up to this many seconds for a server that is still starting before the run; during
+    /// the run, how long requests wait for a server that went away (default 60) before the run
+    /// stops with exit 3
     #[arg(long, value_name = "SECONDS", value_parser = crate::parse_seconds)]
     wait: Option<Duration>,
 }
@@ -381,7 +383,11 @@ pub async fn run(global: &GlobalOpts, args: RunArgs) -> Result<Exit, Failure> {
         crate::output::refuse_existing(path, args.resume, args.overwrite)?;
     }
     let (settings, _) = global.load_resolved(&[], args.wait).await?;
-    let client = crate::ready_client(&settings, args.wait).await?;
+    let outage_wait = args.wait.unwrap_or(crate::OUTAGE_WAIT);
+    let options = vlm_factory::replica_options(&settings).outage_wait(outage_wait);
+    let replicas =
+        crate::ready_client(&settings, args.wait, args.concurrency.options(options)).await?;
+    let client: Arc<dyn VlmClient> = Arc::new(replicas.clone());
     let (mut sink, answered) = match &args.output {
         Some(path) => crate::output::open::<Answered>(path, args.resume, args.overwrite)?,
         None => (Sink::Stdout, Answered::default()),
@@ -421,12 +427,27 @@ pub async fn run(global: &GlobalOpts, args: RunArgs) -> Result<Exit, Failure> {
             })
     };
     let retries = settings.json_retries;
-    let results = vlm_core::batch::bounded(lines, args.concurrency as usize, |line| {
-        answer_line(client.clone(), line, retries)
+    let cap = args.concurrency.cap(replicas.clients().count());
+    let adaptive = args.concurrency == crate::concurrency::Concurrency::Auto;
+    let results = vlm_core::batch::bounded(lines, cap, |line| {
+        let (client, replicas) = (client.clone(), replicas.clone());
+        async move {
+            // Adaptive: a request starts only when the servers have room for it.
+            let _admitted = match adaptive {
+                true => Some(replicas.admit().await),
+                false => None,
+            };
+            answer_line(client, line, retries).await
+        }
     });
-    let (mut ok, mut failed, mut unwritten) = (0usize, 0usize, 0usize);
+    let (mut ok, mut failed, mut unwritten, mut gone) = (0usize, 0usize, 0usize, 0usize);
     let started = Instant::now();
     let drained = drain(results, &intake, None, |(value, success): (Value, bool)| {
+        // The server went away and did not come back within the wait: stop the intake.
+        if value["error"]["code"] == "unreachable" {
+            gone += 1;
+            intake.store(false, Ordering::SeqCst);
+        }
         let mut line = value.to_string().into_bytes();
         line.push(b'\n');
         match sink.write_line(&line) {
@@ -461,6 +482,17 @@ pub async fn run(global: &GlobalOpts, args: RunArgs) -> Result<Exit, Failure> {
                 "cannot write to {}: {e}; the run stopped; fix the cause and run again with \
                  --resume to finish",
                 sink.name()
+            ),
+        });
+    }
+    if gone > 0 && !drained.interrupted {
+        return Err(Failure {
+            exit: Exit::Server,
+            message: format!(
+                "the server went away and did not come back within {:.0} s (--wait): {gone} \
+                 request(s) failed for it and the rest were not started; run again with \
+                 --resume to finish once it is back",
+                outage_wait.as_secs_f64()
             ),
         });
     }

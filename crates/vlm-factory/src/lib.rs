@@ -89,7 +89,10 @@ pub fn is_compiled(backend: VlmBackend) -> bool {
 /// ```
 pub fn build_client(settings: &VlmSettings) -> Result<Arc<dyn VlmClient>, VlmError> {
     if settings.base_urls.len() > 1 {
-        return Ok(Arc::new(build_replicas(settings, replica_options(settings))?));
+        return Ok(Arc::new(build_replicas(
+            settings,
+            replica_options(settings),
+        )?));
     }
     build_one(settings, settings.client_config()?)
 }

@@ -796,9 +796,8 @@ fn base_url_list(backend: VlmBackend, raw: &Raw, source: &Source) -> Result<Vec<
                 raw.shown()
             )));
         }
-        let url = normalize_base_url(backend, text).map_err(|e| {
-            VlmError::config(format!("invalid vlm_base_url (from {source}): {e}"))
-        })?;
+        let url = normalize_base_url(backend, text)
+            .map_err(|e| VlmError::config(format!("invalid vlm_base_url (from {source}): {e}")))?;
         if urls.contains(&url) {
             return Err(VlmError::config(format!(
                 "vlm_base_url (from {source}) names {url} twice; list each endpoint once"

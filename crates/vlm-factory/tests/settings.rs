@@ -691,7 +691,10 @@ fn a_base_url_list_comes_from_a_toml_array_a_flag_or_a_variable() {
             .load()
             .unwrap_err()
             .to_string();
-        assert!(err.contains(expected) && err.contains("--vlm-base-url"), "{err}");
+        assert!(
+            err.contains(expected) && err.contains("--vlm-base-url"),
+            "{err}"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

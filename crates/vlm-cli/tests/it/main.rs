@@ -9,6 +9,7 @@ mod batch;
 mod hostile;
 mod narrate;
 mod reliability;
+mod scale;
 mod servers;
 mod settings;
 
