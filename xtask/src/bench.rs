@@ -301,6 +301,8 @@ pub fn run(quick: bool) -> Result<(), String> {
     }
     drop(server);
 
+    let capacity = capacity_sweep(&bin, &work, quick)?;
+
     // Payload building, criterion.
     let mut args = vec!["bench", "-p", "vlm-core", "--bench", "payload", "--"];
     if quick {
@@ -409,6 +411,7 @@ pub fn run(quick: bool) -> Result<(), String> {
         )),
         None => md.push_str("(The resize benchmark left no estimate.)\n"),
     }
+    capacity_section(&mut md, &capacity);
     md.push_str(&format!(
         "\n(The whole benchmark took {:.0} s.)\n",
         started.elapsed().as_secs_f64()
@@ -416,4 +419,169 @@ pub fn run(quick: bool) -> Result<(), String> {
     std::fs::write(root.join("docs/performance.md"), md).map_err(|e| e.to_string())?;
     eprintln!("wrote docs/performance.md");
     Ok(())
+}
+
+/// W5's server: 8 requests decoded together, each answer taking about 0.25 s.
+const CAPACITY_SLOTS: usize = 8;
+const TOKEN_RATE: &str = "60";
+/// W5's inference timeout: short, so that overload shows as timeouts as well as 503s.
+const CAPACITY_TIMEOUT: &str = "3";
+
+/// One W5 run: `vlm narrate` at one concurrency against a fresh capacity-model emulator.
+struct CapacityRun {
+    concurrency: String,
+    images: usize,
+    per_s: f64,
+    timeouts: usize,
+    errors: usize,
+    refused_503: u64,
+    auto_note: String,
+}
+
+/// Starts `vlm-emulator --capacity`, narrates `images` of `dir` at `concurrency`, stops the
+/// emulator with SIGTERM and reads its count of 503s.
+fn capacity_run(
+    bin: &Path,
+    dir: &Path,
+    work: &Path,
+    concurrency: &str,
+    images: usize,
+) -> Result<CapacityRun, String> {
+    let mut child = Command::new(bin.join("vlm-emulator"))
+        .args([
+            "--backend",
+            "vllm",
+            "--capacity",
+            &CAPACITY_SLOTS.to_string(),
+            "--token-rate",
+            TOKEN_RATE,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start vlm-emulator: {e}"))?;
+    let mut url = String::new();
+    BufReader::new(child.stdout.take().ok_or("no stdout")?)
+        .read_line(&mut url)
+        .map_err(|e| e.to_string())?;
+    let out = work.join("capacity.jsonl");
+    let listed: Vec<PathBuf> = (0..images)
+        .map(|i| dir.join(format!("{i:05}.png")))
+        .collect();
+    let started = Instant::now();
+    let narrated = Command::new(bin.join("vlm"))
+        .args(["narrate", "--concurrency", concurrency, "--overwrite", "-o"])
+        .arg(&out)
+        .args([
+            "--vlm-base-url",
+            url.trim(),
+            "--vlm-timeout",
+            CAPACITY_TIMEOUT,
+        ])
+        .args(&listed)
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let secs = started.elapsed().as_secs_f64();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let mut emulator_log = String::new();
+    if let Some(stderr) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut emulator_log);
+    }
+    let _ = child.wait();
+    let refused_503 = emulator_log
+        .split("served, ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("the emulator did not report its 503s: {emulator_log}"))?;
+    let text = std::fs::read_to_string(&out).map_err(|e| e.to_string())?;
+    let records: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    if records.len() != images {
+        return Err(format!(
+            "--concurrency {concurrency}: {} records of {images}",
+            records.len()
+        ));
+    }
+    let failed: Vec<&str> = records.iter().filter_map(|r| r["error"].as_str()).collect();
+    let log = String::from_utf8_lossy(&narrated.stderr);
+    let auto_note = log
+        .lines()
+        .find_map(|l| l.strip_prefix("concurrency auto: "))
+        .unwrap_or_default()
+        .to_owned();
+    let run = CapacityRun {
+        concurrency: concurrency.to_owned(),
+        images,
+        per_s: (images - failed.len()) as f64 / secs,
+        timeouts: failed
+            .iter()
+            .filter(|e| e.contains("no answer from"))
+            .count(),
+        errors: failed.len(),
+        refused_503,
+        auto_note,
+    };
+    eprintln!(
+        "capacity --concurrency {concurrency}: {:.1} images/s, {} errors ({} timeouts), {} 503s {}",
+        run.per_s, run.errors, run.timeouts, run.refused_503, run.auto_note
+    );
+    Ok(run)
+}
+
+/// W5: the fixed sweep 1, 2, 4 … 64 and `auto`, each against a fresh capacity-model emulator.
+fn capacity_sweep(bin: &Path, work: &Path, quick: bool) -> Result<Vec<CapacityRun>, String> {
+    let dir = work.join("images-capacity");
+    let most = if quick { 200 } else { 600 };
+    make_small_images(&dir, most)?;
+    let mut runs = Vec::new();
+    for c in [1usize, 2, 4, 8, 16, 32, 64] {
+        // Low levels take long per image: fewer images, the same kind of measurement.
+        let images = (c * 60).min(most);
+        runs.push(capacity_run(bin, &dir, work, &c.to_string(), images)?);
+    }
+    runs.push(capacity_run(bin, &dir, work, "auto", most)?);
+    Ok(runs)
+}
+
+fn capacity_section(md: &mut String, runs: &[CapacityRun]) {
+    md.push_str("\n## W5: `--concurrency auto` against a server of fixed capacity\n\n");
+    md.push_str(&format!(
+        "`vlm-emulator --backend vllm --capacity {CAPACITY_SLOTS} --token-rate {TOKEN_RATE}`: {CAPACITY_SLOTS} requests \
+         decode together, each answer (13-17 tokens) taking about 0.25 s; past {CAPACITY_SLOTS} they queue \
+         (published as `vllm:num_requests_waiting`), and {} waiting is a 503. `vlm narrate --vlm-timeout \
+         {CAPACITY_TIMEOUT}` (release build) over generated 32×24 PNGs, a fresh emulator per row; \
+         images/s counts answers only. Lower levels narrate fewer images (60 per request in flight).\n\n",
+        4 * CAPACITY_SLOTS
+    ));
+    md.push_str("| --concurrency | images | images/s | error records | of them timeouts | 503s answered by the server |\n|---|---|---|---|---|---|\n");
+    for r in runs {
+        md.push_str(&format!(
+            "| {} | {} | {:.1} | {} | {} | {} |\n",
+            r.concurrency, r.images, r.per_s, r.errors, r.timeouts, r.refused_503
+        ));
+    }
+    let best = runs
+        .iter()
+        .filter(|r| r.concurrency != "auto")
+        .max_by(|a, b| a.per_s.total_cmp(&b.per_s));
+    if let (Some(best), Some(auto)) = (best, runs.iter().find(|r| r.concurrency == "auto")) {
+        md.push_str(&format!(
+            "\n`--concurrency auto` narrated **{:.1} images/s**, **{:.0}%** of the best fixed level \
+             ({} at {:.1} images/s), with {} timeouts and {} 503s; it ended at {}.\n",
+            auto.per_s,
+            100.0 * auto.per_s / best.per_s,
+            best.concurrency,
+            best.per_s,
+            auto.timeouts,
+            auto.refused_503,
+            auto.auto_note
+        ));
+    }
 }

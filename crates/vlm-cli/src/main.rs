@@ -27,7 +27,8 @@ pub enum Exit {
     SomeFailed = 1,
     /// Usage or configuration error.
     Usage = 2,
-    /// The server is unreachable or unhealthy at the pre-flight check.
+    /// The server is unreachable or unhealthy at the pre-flight check, or went away mid-run
+    /// for longer than `--wait`.
     Server = 3,
     /// Unsupported: the model cannot take images from this client.
     Unsupported = 4,
@@ -83,7 +84,8 @@ const EXIT_CODES: &str = "Exit codes:
   1    the run finished but at least one image failed
   2    usage or configuration error (unknown backend, backend not compiled in, bad --config,
        output exists without --resume/--overwrite, output in use by another run)
-  3    server unreachable or unhealthy at the pre-flight check
+  3    server unreachable or unhealthy at the pre-flight check (with several endpoints: none
+       ready), or gone mid-run for longer than --wait (60 s by default; --resume finishes)
   4    unsupported: the model cannot take images from this client (a Triton model that wants
        preprocessed pixels, a text-only one, Triton's OpenAI frontend); the health report and
        what to run instead are printed, before --output is opened

@@ -176,7 +176,13 @@ pub async fn run_emulator(args: EmulatorArgs) -> Result<(), String> {
         emulator.base_url()
     );
     wait_for_signal().await;
-    eprintln!("vlm-emulator: stopped");
+    match emulator.capacity_stats() {
+        Some(stats) => eprintln!(
+            "vlm-emulator: stopped; capacity model: {} served, {} refused with 503, queue peaked at {}",
+            stats.served, stats.rejected, stats.peak_waiting
+        ),
+        None => eprintln!("vlm-emulator: stopped"),
+    }
     Ok(())
 }
 

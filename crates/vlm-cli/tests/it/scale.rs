@@ -304,8 +304,9 @@ async fn concurrency_auto_reaches_ninety_percent_of_the_best_fixed_level_on_the_
 {
     let dir = workdir();
     let total = copies(&dir, 40);
-    // 4 decoded together; the samples' answers are 13-17 tokens: about 0.1 s each.
-    let capacity = Capacity::new(4, 150.0);
+    // 4 decoded together; the samples' answers are 13-17 tokens: about 0.2 s each, long beside
+    // the client's own work per image (a debug build, sharing 2 cores with other tests).
+    let capacity = Capacity::new(4, 75.0);
     let measure = async |concurrency: &str| {
         let e = Emulator::start(EmulatorConfig::new(VlmBackend::Vllm).with_capacity(capacity))
             .await
@@ -328,7 +329,9 @@ async fn concurrency_auto_reaches_ninety_percent_of_the_best_fixed_level_on_the_
         (rate(&err), stats.rejected, err)
     };
     let mut best: f64 = 0.0;
-    for c in ["4", "8", "16"] {
+    // The sweep's best is at or past 2 K here (below it the client's own work leaves slots
+    // idle); `cargo xtask bench` (W5) sweeps 1 to 64.
+    for c in ["8", "16"] {
         let (rate, _, _) = measure(c).await;
         println!("--concurrency {c}: {rate:.1} images/s");
         best = best.max(rate);
