@@ -450,11 +450,23 @@ impl Shared {
                 Pick::Leased(index, s.in_flight)
             }
             None if any => Pick::Full,
-            None => {
-                let mut pool = lock(&self.state);
-                Pick::Outage(*pool.outage_since.get_or_insert_with(Instant::now))
-            }
+            None => match self.note_outage() {
+                Some(since) => Pick::Outage(since),
+                // One came back meanwhile.
+                None => Pick::Full,
+            },
         }
+    }
+
+    /// Since when no endpoint has been in the rotation, or `None` when one is. Checked and set
+    /// under the pool's lock, as [`rejoin`](Self::rejoin) clears it, so a stale start cannot
+    /// outlive a rejoin.
+    fn note_outage(&self) -> Option<Instant> {
+        let mut pool = lock(&self.state);
+        if self.endpoints.iter().any(|e| lock(&e.state).in_rotation) {
+            return None;
+        }
+        Some(*pool.outage_since.get_or_insert_with(Instant::now))
     }
 
     fn others_in_rotation(&self, index: usize) -> bool {
@@ -507,11 +519,7 @@ impl Shared {
             s.last_error = Some(why);
             !std::mem::replace(&mut s.probing, true)
         };
-        if !this.endpoints.iter().any(|e| lock(&e.state).in_rotation) {
-            lock(&this.state)
-                .outage_since
-                .get_or_insert_with(Instant::now);
-        }
+        this.note_outage();
         this.changed.notify_waiters();
         if start_probe && tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(probe(Arc::downgrade(this), index));
