@@ -197,54 +197,25 @@ pub fn run(quick: bool) -> Result<(), String> {
     let server = start_server(&bin)?;
     eprintln!("fixed-answer server: {}", server.url);
 
-    // End-to-end load: rounds alternate the two clients so drift hits both alike.
+    // End-to-end load: rounds alternate the two clients so drift hits both alike; the ratio is
+    // taken per round and its median reported.
     let rounds = if quick { 1 } else { 5 };
     let mut load_rows = Vec::new();
-    for (concurrency, requests) in [
-        (1usize, if quick { 300 } else { 3000 }),
-        (32, if quick { 1000 } else { 20000 }),
-    ] {
-        let mut per_mode: Vec<(String, Vec<Value>)> =
-            vec![("raw".into(), vec![]), ("client".into(), vec![])];
-        for _ in 0..rounds {
-            for (mode, results) in &mut per_mode {
-                let v = run_json(Command::new(bin.join("vlm-loadgen")).args([
-                    "load",
-                    "--url",
-                    &server.url,
-                    "--image",
-                    &jpeg.to_string_lossy(),
-                    "--requests",
-                    &requests.to_string(),
-                    "--concurrency",
-                    &concurrency.to_string(),
-                    "--mode",
-                    mode,
-                ]))?;
-                eprintln!("{v}");
-                results.push(v);
-            }
+    for driver in ["task", "spawn"] {
+        for (concurrency, requests) in [
+            (1usize, if quick { 300 } else { 3000 }),
+            (32, if quick { 1000 } else { 20000 }),
+        ] {
+            load_rows.push(load_row(
+                &bin,
+                &server.url,
+                &jpeg,
+                driver,
+                concurrency,
+                requests,
+                rounds,
+            )?);
         }
-        let med = |mode: &str, key: &str| {
-            let vals = per_mode
-                .iter()
-                .find(|(m, _)| m == mode)
-                .map(|(_, r)| r.iter().filter_map(|v| v[key].as_f64()).collect::<Vec<_>>())
-                .unwrap_or_default();
-            median(vals)
-        };
-        load_rows.push((
-            concurrency,
-            requests,
-            ["raw", "client"].map(|m| {
-                (
-                    med(m, "req_per_s"),
-                    med(m, "p50_ms"),
-                    med(m, "p99_ms"),
-                    med(m, "cpu_ms_per_req"),
-                )
-            }),
-        ));
     }
 
     // Extra peak memory of building one 20 MB image's body.
@@ -299,6 +270,7 @@ pub fn run(quick: bool) -> Result<(), String> {
         let secs = median(samples.iter().map(|s| s.1).collect());
         rss_rows.push((count, kib, secs));
     }
+    let pipeline = narrator_pipeline(&bin, &server.url, &jpeg, &work, rounds)?;
     drop(server);
 
     let capacity = capacity_sweep(&bin, &work, quick)?;
@@ -351,13 +323,15 @@ pub fn run(quick: bool) -> Result<(), String> {
          the load-generator process divided by requests.\n\n",
         jpeg_len / 1024
     ));
-    md.push_str("| concurrency | requests | raw req/s | client req/s | client / raw | raw p50 / p99 ms | client p50 / p99 ms | raw CPU ms/req | client CPU ms/req |\n|---|---|---|---|---|---|---|---|---|\n");
-    for (c, n, [raw, client]) in &load_rows {
+    md.push_str("| driver | concurrency | requests | raw req/s | client req/s | client / raw (median of per-round ratios) | raw p50 / p99 ms | client p50 / p99 ms | raw CPU ms/req | client CPU ms/req |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for row in &load_rows {
+        let (raw, client) = (&row.raw, &row.client);
         md.push_str(&format!(
-            "| {c} | {n} | {:.0} | {:.0} | **{:.2}×** | {:.3} / {:.3} | {:.3} / {:.3} | {:.3} | {:.3} |\n",
-            raw.0, client.0, client.0 / raw.0, raw.1, raw.2, client.1, client.2, raw.3, client.3
+            "| {} | {} | {} | {:.0} | {:.0} | **{:.2}×** | {:.3} / {:.3} | {:.3} / {:.3} | {:.3} | {:.3} |\n",
+            row.driver, row.concurrency, row.requests, raw.0, client.0, row.ratio, raw.1, raw.2, client.1, client.2, raw.3, client.3
         ));
     }
+    md.push_str("\n`task`: one task polls every request with `buffer_unordered(C)`, as async-openai's and openai-python's benchmarks drive their clients. `spawn`: C spawned workers on the 2-thread runtime.\n");
     md.push_str("\n## W2: building the request body\n\n");
     md.push_str("Criterion, `cargo bench -p vlm-core --bench payload`: `build_chat_body` (prompt escaped once, the image's base64 written by base64's SIMD engine straight into one pre-sized buffer) beside a plain copy of the image's bytes. Throughput is image bytes per second.\n\n");
     md.push_str("| image | build_chat_body GB/s | memcpy GB/s |\n|---|---|---|\n");
@@ -411,6 +385,7 @@ pub fn run(quick: bool) -> Result<(), String> {
         )),
         None => md.push_str("(The resize benchmark left no estimate.)\n"),
     }
+    pipeline_section(&mut md, &pipeline, jpeg_len);
     capacity_section(&mut md, &capacity);
     md.push_str(&format!(
         "\n(The whole benchmark took {:.0} s.)\n",
@@ -419,6 +394,171 @@ pub fn run(quick: bool) -> Result<(), String> {
     std::fs::write(root.join("docs/performance.md"), md).map_err(|e| e.to_string())?;
     eprintln!("wrote docs/performance.md");
     Ok(())
+}
+
+/// W6: `vlm narrate` over 2,000 copies of the JPEG at c=32 against the library loop
+/// (`vlm-loadgen`, one task, `buffer_unordered(32)`) on the same server: images/s per round.
+struct Pipeline {
+    narrate: f64,
+    library: f64,
+    ratio: f64,
+}
+
+fn narrator_pipeline(
+    bin: &Path,
+    url: &str,
+    jpeg: &Path,
+    work: &Path,
+    rounds: usize,
+) -> Result<Pipeline, String> {
+    const COPIES: usize = 2000;
+    let dir = work.join("copies");
+    if !dir.join(format!("{:04}.jpg", COPIES - 1)).is_file() {
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        for i in 0..COPIES {
+            std::fs::copy(jpeg, dir.join(format!("{i:04}.jpg"))).map_err(|e| e.to_string())?;
+        }
+    }
+    let out = work.join("pipeline.jsonl");
+    let (mut narrate, mut library, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let run = Command::new(bin.join("vlm"))
+            .args([
+                "narrate",
+                &dir.to_string_lossy(),
+                "--concurrency",
+                "32",
+                "--overwrite",
+                "-o",
+            ])
+            .arg(&out)
+            .args(["--vlm-base-url", url, "--vlm-model", "fast"])
+            .env_remove("RUST_LOG")
+            .output()
+            .map_err(|e| e.to_string())?;
+        let log = String::from_utf8_lossy(&run.stderr);
+        let per_s = log
+            .lines()
+            .find(|l| l.starts_with("narrated 2000 of 2000 image(s): 0 failed"))
+            .and_then(|l| l.rsplit(", ").next())
+            .and_then(|r| r.strip_suffix(" images/s"))
+            .and_then(|r| r.parse::<f64>().ok())
+            .ok_or_else(|| format!("narrate did not narrate every copy: {log}"))?;
+        let v = run_json(Command::new(bin.join("vlm-loadgen")).args([
+            "load",
+            "--url",
+            url,
+            "--image",
+            &jpeg.to_string_lossy(),
+            "--requests",
+            &COPIES.to_string(),
+            "--concurrency",
+            "32",
+            "--mode",
+            "client",
+            "--driver",
+            "task",
+        ]))?;
+        let lib = v["req_per_s"].as_f64().unwrap_or(0.0);
+        eprintln!("pipeline: narrate {per_s:.0} images/s, library loop {lib:.0} images/s");
+        narrate.push(per_s);
+        library.push(lib);
+        ratios.push(per_s / lib);
+    }
+    Ok(Pipeline {
+        narrate: median(narrate),
+        library: median(library),
+        ratio: median(ratios),
+    })
+}
+
+fn pipeline_section(md: &mut String, p: &Pipeline, jpeg_len: usize) {
+    md.push_str("\n## W6: the narrator's pipeline\n\n");
+    md.push_str(&format!(
+        "`vlm narrate DIR --concurrency 32 -o out.jsonl` (release build) over 2,000 copies of the {} KB JPEG \
+         (reading, hashing, building, posting, writing one record each; images/s from its summary line) against \
+         the library loop (`vlm-loadgen`, `VllmClient::infer_single` with `ImageInput::bytes`, one task, \
+         `buffer_unordered(32)`), both against the W1 server; medians over rounds, and the median of the per-round \
+         ratios.\n\n| narrate images/s | library loop images/s | narrate / library |\n|---|---|---|\n| {:.0} | {:.0} | **{:.2}×** |\n",
+        jpeg_len / 1024,
+        p.narrate,
+        p.library,
+        p.ratio
+    ));
+}
+
+/// One W1 row: medians over rounds, and the median of the per-round client/raw ratios.
+struct LoadRow {
+    driver: &'static str,
+    concurrency: usize,
+    requests: usize,
+    /// req/s, p50 ms, p99 ms, CPU ms per request.
+    raw: (f64, f64, f64, f64),
+    client: (f64, f64, f64, f64),
+    ratio: f64,
+}
+
+fn load_row(
+    bin: &Path,
+    url: &str,
+    jpeg: &Path,
+    driver: &'static str,
+    concurrency: usize,
+    requests: usize,
+    rounds: usize,
+) -> Result<LoadRow, String> {
+    let mut per_mode: [(&str, Vec<Value>); 2] = [("raw", vec![]), ("client", vec![])];
+    let mut ratios = Vec::new();
+    for _ in 0..rounds {
+        for (mode, results) in &mut per_mode {
+            let v = run_json(Command::new(bin.join("vlm-loadgen")).args([
+                "load",
+                "--url",
+                url,
+                "--image",
+                &jpeg.to_string_lossy(),
+                "--requests",
+                &requests.to_string(),
+                "--concurrency",
+                &concurrency.to_string(),
+                "--mode",
+                mode,
+                "--driver",
+                driver,
+            ]))?;
+            eprintln!("{v}");
+            results.push(v);
+        }
+        let last = |i: usize| per_mode[i].1.last().and_then(|v| v["req_per_s"].as_f64());
+        if let (Some(raw), Some(client)) = (last(0), last(1)) {
+            ratios.push(client / raw);
+        }
+    }
+    let med = |i: usize, key: &str| {
+        median(
+            per_mode[i]
+                .1
+                .iter()
+                .filter_map(|v| v[key].as_f64())
+                .collect(),
+        )
+    };
+    let stats = |i: usize| {
+        (
+            med(i, "req_per_s"),
+            med(i, "p50_ms"),
+            med(i, "p99_ms"),
+            med(i, "cpu_ms_per_req"),
+        )
+    };
+    Ok(LoadRow {
+        driver,
+        concurrency,
+        requests,
+        raw: stats(0),
+        client: stats(1),
+        ratio: median(ratios),
+    })
 }
 
 /// W5's server: 8 requests decoded together, each answer taking about 0.25 s.

@@ -1,10 +1,13 @@
 //! `vlm-loadgen`: the client side of `cargo xtask bench`, run as its own process so its CPU time
 //! and memory are the client's alone.
 //!
-//! - `load --url U --image F --requests N --concurrency C --mode client|raw`: N requests, C in
-//!   flight; `client` is `VllmClient::infer_single` (reads nothing from disk per request but
-//!   encodes the image into a fresh body every time, posts it, parses the answer); `raw` is
-//!   reqwest posting one pre-built body, the floor. Prints one JSON line.
+//! - `load --url U --image F --requests N --concurrency C --mode client|raw [--driver task|spawn]`:
+//!   N requests, C in flight; `client` is `VllmClient::infer_single` with `ImageInput::bytes`
+//!   (reads nothing from disk per request but encodes the image into a fresh body every time,
+//!   posts it, parses the answer); `raw` is reqwest posting one pre-built body, the floor.
+//!   `--driver task` (the default) polls every request from one task with `buffer_unordered(C)`,
+//!   as async-openai's and openai-python's benchmarks drive their clients; `spawn` runs C spawned
+//!   workers. Prints one JSON line.
 //! - `payload-memory --size BYTES`: the peak memory that building one body adds, against the
 //!   size of the encoded body. Prints one JSON line.
 
@@ -14,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use vlm_core::openai::{PayloadOptions, build_chat_body};
 use vlm_core::{
     ClientConfig, ImageInput, ImageMime, LoadedImage, VlmBackend, VlmClient, VlmRequest,
@@ -181,29 +185,53 @@ async fn load(args: &[String]) -> Result<(), String> {
         }
     };
 
-    // Warm up the connection pool.
-    for _ in 0..concurrency.min(requests) {
-        one().await?;
+    // Warm up the connection pool: C connections, as the measured run keeps C in flight.
+    let mut warm = futures_util::stream::iter(0..concurrency.min(requests))
+        .map(|_| one())
+        .buffer_unordered(concurrency);
+    while let Some(result) = warm.next().await {
+        result?;
     }
-    let next = Arc::new(AtomicUsize::new(0));
+    let driver = arg(args, "--driver").unwrap_or_else(|_| "task".to_owned());
     let cpu_before = cpu_time();
     let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let (next, one) = (next.clone(), one.clone());
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            while next.fetch_add(1, Ordering::Relaxed) < requests {
-                let t = Instant::now();
-                one().await?;
-                latencies.push(t.elapsed());
-            }
-            Ok::<_, String>(latencies)
-        }));
-    }
     let mut latencies = Vec::with_capacity(requests);
-    for w in workers {
-        latencies.extend(w.await.map_err(|e| e.to_string())??);
+    match driver.as_str() {
+        "task" => {
+            let timed = |_| {
+                let one = one.clone();
+                async move {
+                    let t = Instant::now();
+                    one().await.map(|()| t.elapsed())
+                }
+            };
+            let mut done = futures_util::stream::iter(0..requests)
+                .map(timed)
+                .buffer_unordered(concurrency);
+            while let Some(result) = done.next().await {
+                latencies.push(result?);
+            }
+        }
+        "spawn" => {
+            let next = Arc::new(AtomicUsize::new(0));
+            let mut workers = Vec::new();
+            for _ in 0..concurrency {
+                let (next, one) = (next.clone(), one.clone());
+                workers.push(tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    while next.fetch_add(1, Ordering::Relaxed) < requests {
+                        let t = Instant::now();
+                        one().await?;
+                        latencies.push(t.elapsed());
+                    }
+                    Ok::<_, String>(latencies)
+                }));
+            }
+            for w in workers {
+                latencies.extend(w.await.map_err(|e| e.to_string())??);
+            }
+        }
+        other => return Err(format!("--driver {other}: expected task or spawn")),
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu = cpu_time().saturating_sub(cpu_before);
@@ -212,6 +240,7 @@ async fn load(args: &[String]) -> Result<(), String> {
         "{}",
         serde_json::json!({
             "mode": mode,
+            "driver": driver,
             "concurrency": concurrency,
             "requests": requests,
             "seconds": seconds,
@@ -264,7 +293,7 @@ fn main() -> std::process::ExitCode {
             .map_err(|e| e.to_string())
             .and_then(|rt| rt.block_on(load(&args))),
         Some("payload-memory") => payload_memory(&args),
-        _ => Err("usage: vlm-loadgen load --url U --image F --requests N --concurrency C --mode client|raw | payload-memory --size BYTES".to_owned()),
+        _ => Err("usage: vlm-loadgen load --url U --image F --requests N --concurrency C --mode client|raw [--driver task|spawn] | payload-memory --size BYTES".to_owned()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

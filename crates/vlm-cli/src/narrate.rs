@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use vlm_core::text::{escape_controls, shown_model};
 use vlm_core::{
     ImageInput, ImageMime, StreamEvent, VlmBackend, VlmClient, VlmError, VlmRequest,
-    describe_non_image, encode_data_url,
+    describe_non_image,
 };
 
 use crate::concurrency::Concurrency;
@@ -135,6 +135,8 @@ struct Job {
     json_retries: u32,
     /// `--max-image-edge`.
     max_image_edge: Option<u32>,
+    /// Read buffers reused from image to image (no fresh pages per image).
+    reads: Arc<vlm_core::support::BufferPool>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -167,13 +169,15 @@ impl Job {
             schema: None,
             json_retries: settings.json_retries,
             max_image_edge: settings.max_image_edge,
+            reads: Arc::default(),
         }
     }
 
     /// Reads, hashes and checks one image and builds its request, on the blocking pool: hashing
-    /// and base64-encoding a large image take milliseconds that must not stall the async
-    /// threads driving every other request. `Ok(None)`: the output already has it (resume), so
-    /// it is not encoded. An error names the file and says why.
+    /// a large image takes milliseconds that must not stall the async threads driving every
+    /// other request. The request carries the bytes as read (into a reused buffer); the client
+    /// encodes them once, straight into the body (a large image's on the blocking pool too).
+    /// `Ok(None)`: the output already has it (resume). An error names the file and says why.
     async fn prepare(&self, input: &Input) -> Result<Option<Prepared>, Unprepared> {
         let path = input.path.clone();
         let shown = input.shown();
@@ -183,14 +187,15 @@ impl Job {
         let client = self.client.clone();
         let schema = self.schema.clone();
         let max_edge = self.max_image_edge;
+        let reads = self.reads.clone();
         let read = tokio::task::spawn_blocking(move || {
-            let (sha256, bytes, mime) = read_and_hash(&path, &shown, max_bytes)?;
+            let (sha256, bytes, mime) = read_and_hash(&path, &shown, max_bytes, &reads)?;
             if previous.is_done(&shown, &sha256) {
                 return Ok(None);
             }
             // Shrunk for the model when asked; the sha256 stays the file's.
             let (bytes, mime) = match max_edge.map(|edge| vlm_core::shrink_image(&bytes, edge)) {
-                Some(Ok(Some(shrunk))) => shrunk,
+                Some(Ok(Some((shrunk, mime)))) => (shrunk.into(), mime),
                 Some(Err(why)) => return Err((Some(sha256), format!("image {shown}: {why}"))),
                 _ => (bytes, mime),
             };
@@ -198,10 +203,8 @@ impl Job {
             if let Err(why) = client.check_image_type(mime) {
                 return Err((Some(sha256), format!("image {shown}: {why}")));
             }
-            let data_url = encode_data_url(&bytes, mime);
-            drop(bytes);
             let mut builder = VlmRequest::builder(&*prompt)
-                .image(ImageInput::url(data_url))
+                .image(ImageInput::bytes_with_mime(bytes, mime))
                 .max_tokens(max_tokens)
                 .temperature(temperature);
             if let Some(schema) = &schema {
@@ -285,12 +288,14 @@ impl Job {
 }
 
 /// Reads a file (refusing one over the size limit before reading it, and anything that is not a
-/// regular file), hashes it and checks it is an image. Blocking: run it on the blocking pool.
+/// regular file) into a buffer of `reads`, hashes it and checks it is an image. Blocking: run it
+/// on the blocking pool.
 fn read_and_hash(
     path: &std::path::Path,
     shown: &str,
     max: u64,
-) -> Result<(String, Vec<u8>, ImageMime), Unprepared> {
+    reads: &Arc<vlm_core::support::BufferPool>,
+) -> Result<(String, bytes::Bytes, ImageMime), Unprepared> {
     if path.to_str().is_none() {
         return Err((
             None,
@@ -315,7 +320,9 @@ fn read_and_hash(
     if meta.len() > max {
         return Err(over(meta.len()));
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // A reused buffer: `read_to_end` fills its spare room without zeroing it first.
+    let mut bytes = reads.take(meta.len() as usize);
+    bytes.clear();
     std::fs::File::open(path)
         .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, max + 1), &mut bytes))
         .map_err(cannot)?;
@@ -331,7 +338,7 @@ fn read_and_hash(
             format!("image {shown}: not a PNG, JPEG, WebP or GIF image: {found}"),
         ));
     };
-    Ok((sha256, bytes, mime))
+    Ok((sha256, reads.freeze(bytes), mime))
 }
 
 /// The largest `--prompt-file` read: 1 MiB. A prompt is text; anything larger is a mistake
@@ -1037,7 +1044,7 @@ mod tests {
     }
 
     #[test]
-    fn hashing_and_encoding_a_large_image_leave_the_async_thread_free() {
+    fn reading_and_hashing_a_large_image_leave_the_async_thread_free() {
         let dir = std::env::temp_dir().join(format!("vlm-cli-prep-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("big.jpg");
@@ -1056,6 +1063,7 @@ mod tests {
             schema: None,
             json_retries: 0,
             max_image_edge: None,
+            reads: Arc::default(),
         };
         // One async thread: if preparing ran on it, the ticker would stall for as long.
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -41,6 +41,7 @@
 
 mod backend;
 pub mod batch;
+mod buffers;
 mod client;
 mod config;
 mod detect;

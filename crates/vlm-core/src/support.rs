@@ -5,6 +5,7 @@
 //! applications on the crate root, [`crate::openai`] and [`crate::text`] instead.
 
 pub use crate::backend::edit_distance;
+pub use crate::buffers::BufferPool;
 pub use crate::error_body::{DecodedError, decode_error_body, json_string_field};
 pub use crate::health::{err_note, state_for_error};
 pub use crate::models::{ExactNames, ModelNames, ModelSlot, resolve_model};

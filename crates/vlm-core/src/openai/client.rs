@@ -9,8 +9,11 @@ use async_trait::async_trait;
 use url::Url;
 
 use super::parse::{ServedModel, parse_chat_response, parse_model_list};
-use super::payload::{PayloadOptions, build_chat_body};
+use bytes::Bytes;
+
+use super::payload::{PayloadOptions, body_capacity, build_chat_body_into};
 use crate::backend::VlmBackend;
+use crate::buffers::BufferPool;
 use crate::client::VlmClient;
 use crate::config::{ClientConfig, normalize_base_url};
 use crate::error::VlmError;
@@ -113,6 +116,21 @@ impl<S: OpenAiServer> ModelNames for Names<'_, S> {
     }
 }
 
+/// Images of this many bytes or more in all are encoded on the blocking pool.
+const BUILD_OFF_THREAD: usize = 1 << 20;
+
+/// Builds a body into a buffer of `pool` (over the pages an earlier body left there).
+fn build_pooled(
+    pool: &Arc<BufferPool>,
+    request: &VlmRequest,
+    images: &[LoadedImage],
+    options: PayloadOptions<'_>,
+) -> Result<Bytes, VlmError> {
+    let mut body = pool.take(body_capacity(request, images));
+    build_chat_body_into(&mut body, request, images, options)?;
+    Ok(pool.freeze(body))
+}
+
 /// The type of a loaded image: its sniffed type, or the one a `data:` URL declares.
 fn image_type(image: &LoadedImage) -> Option<ImageMime> {
     match image {
@@ -147,6 +165,10 @@ struct Inner<S> {
     max_image_bytes: u64,
     max_image_edge: Option<u32>,
     model: ModelSlot,
+    /// Body buffers reused across requests (no fresh pages per request).
+    bodies: Arc<BufferPool>,
+    /// `<base>/chat/completions`, joined once.
+    chat_url: Url,
 }
 
 impl<S> Clone for OpenAiCompatible<S> {
@@ -175,13 +197,16 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
         let mut config = config;
         config.base_url = normalize_base_url(S::BACKEND, config.base_url.as_str())?;
         config.backend = S::BACKEND;
+        let transport = Transport::new(&config)?;
         Ok(OpenAiCompatible {
             inner: Arc::new(Inner {
                 server: S::default(),
-                transport: Transport::new(&config)?,
+                chat_url: transport.endpoint("chat/completions"),
+                transport,
                 max_image_bytes: config.max_image_bytes,
                 max_image_edge: config.max_image_edge,
                 model: ModelSlot::new(config.model),
+                bodies: Arc::default(),
             }),
         })
     }
@@ -231,7 +256,7 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
         &self,
         request: &VlmRequest,
         options: PayloadOptions<'_>,
-    ) -> Result<Vec<u8>, VlmError> {
+    ) -> Result<Bytes, VlmError> {
         request.validate()?;
         for (field, instead) in self.inner.server.ignored_fields() {
             if request.extra.contains_key(*field) {
@@ -251,7 +276,29 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
             }
             images.push(loaded);
         }
-        build_chat_body(request, &images, options)
+        let pool = self.inner.bodies.clone();
+        let inline: usize = images
+            .iter()
+            .map(|image| match image {
+                LoadedImage::Inline { data, .. } => data.len(),
+                LoadedImage::Url(url) => url.len(),
+            })
+            .sum();
+        if inline < BUILD_OFF_THREAD {
+            return build_pooled(&pool, request, &images, options);
+        }
+        // Encoding megabytes takes milliseconds: not on the threads driving other requests.
+        let request = request.clone();
+        let (model, stream) = (options.model.map(str::to_owned), options.stream);
+        tokio::task::spawn_blocking(move || {
+            let options = PayloadOptions {
+                model: model.as_deref(),
+                stream,
+            };
+            build_pooled(&pool, &request, &images, options)
+        })
+        .await
+        .map_err(|e| VlmError::config(format!("internal error while building the request: {e}")))?
     }
 
     /// Loads the images, builds the body, posts it and parses the answer.
@@ -269,12 +316,12 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
                 },
             )
             .await?;
-        let url = self.inner.transport.endpoint("chat/completions");
+        let url = &self.inner.chat_url;
         let started = Instant::now();
         let resp = self
             .inner
             .transport
-            .post_json_with_retries(&url, body.into())
+            .post_json_with_retries(url, body)
             .await?;
         if !resp.is_success() {
             return Err(self.inner.transport.http_error(&resp));
@@ -304,14 +351,14 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
                 },
             )
             .await?;
-        let url = self.inner.transport.endpoint("chat/completions");
+        let url = &self.inner.chat_url;
         let timeout = self.inner.transport.timeout;
         // The whole answer, streamed or not, is bounded by vlm_timeout.
         let deadline = tokio::time::Instant::now() + timeout;
         let resp = self
             .inner
             .transport
-            .post_json_streaming(&url, body.into(), timeout)
+            .post_json_streaming(url, body, timeout)
             .await?;
         Ok(sse_events(
             StreamContext {

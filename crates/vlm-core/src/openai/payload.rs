@@ -61,7 +61,13 @@ pub fn build_chat_body(
     images: &[LoadedImage],
     options: PayloadOptions<'_>,
 ) -> Result<Vec<u8>, VlmError> {
-    request.validate()?;
+    let mut out = Vec::with_capacity(body_capacity(request, images));
+    build_chat_body_into(&mut out, request, images, options)?;
+    Ok(out)
+}
+
+/// The bytes a body will take, give or take a little: what to reserve before building it.
+pub(crate) fn body_capacity(request: &VlmRequest, images: &[LoadedImage]) -> usize {
     let encoded_images: usize = images
         .iter()
         .map(|img| match img {
@@ -72,76 +78,162 @@ pub fn build_chat_body(
         })
         .sum();
     let text_len = request.prompt.len() + request.system_prompt.as_ref().map_or(0, String::len);
-    let mut out: Vec<u8> = Vec::with_capacity(encoded_images + text_len + text_len / 8 + 256);
+    encoded_images + text_len + text_len / 8 + 256
+}
 
-    out.push(b'{');
+/// A large piece of the body written straight into the output, not through the skeleton.
+enum Piece<'a> {
+    /// Bytes to base64-encode in place.
+    Base64(&'a [u8]),
+    /// Bytes that need no JSON escape (a `data:` URL), copied once.
+    Verbatim(&'a [u8]),
+}
+
+/// [`build_chat_body`] into `out`, overwriting what it holds from the start: a buffer reused
+/// from an earlier body keeps its initialized bytes, so the image's base64 is encoded over
+/// them in place, with no zero-fill first (only growth past them is zero-filled, once). The
+/// small JSON around the images is written to a skeleton first; the images go straight to
+/// `out`.
+pub(crate) fn build_chat_body_into(
+    out: &mut Vec<u8>,
+    request: &VlmRequest,
+    images: &[LoadedImage],
+    options: PayloadOptions<'_>,
+) -> Result<(), VlmError> {
+    request.validate()?;
+    let text_len = request.prompt.len() + request.system_prompt.as_ref().map_or(0, String::len);
+    let mut skeleton: Vec<u8> = Vec::with_capacity(text_len + text_len / 8 + 512);
+    let mut pieces: Vec<(usize, Piece<'_>)> = Vec::with_capacity(images.len());
+    let text = &mut skeleton;
+    text.push(b'{');
     if let Some(model) = options.model {
-        out.extend_from_slice(b"\"model\":");
-        write_json_str(&mut out, model);
-        out.push(b',');
+        text.extend_from_slice(b"\"model\":");
+        write_json_str(text, model);
+        text.push(b',');
     }
-    out.extend_from_slice(b"\"messages\":[");
+    text.extend_from_slice(b"\"messages\":[");
     if let Some(system) = &request.system_prompt {
-        out.extend_from_slice(b"{\"role\":\"system\",\"content\":");
-        write_json_str(&mut out, system);
-        out.extend_from_slice(b"},");
+        text.extend_from_slice(b"{\"role\":\"system\",\"content\":");
+        write_json_str(text, system);
+        text.extend_from_slice(b"},");
     }
-    out.extend_from_slice(b"{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":");
-    write_json_str(&mut out, &request.prompt);
-    out.push(b'}');
+    text.extend_from_slice(b"{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":");
+    write_json_str(text, &request.prompt);
+    text.push(b'}');
     for image in images {
-        out.extend_from_slice(b",{\"type\":\"image_url\",\"image_url\":{\"url\":");
+        text.extend_from_slice(b",{\"type\":\"image_url\",\"image_url\":{\"url\":");
         match image {
             LoadedImage::Inline { data, mime } => {
-                out.extend_from_slice(b"\"data:");
-                out.extend_from_slice(mime.as_str().as_bytes());
-                out.extend_from_slice(b";base64,");
-                let start = out.len();
-                let len = base64::encoded_len(data.len(), true)
-                    .ok_or_else(|| VlmError::image("<request>", "too large to encode"))?;
-                out.resize(start + len, 0);
-                engine()
-                    .encode_slice(data, &mut out[start..])
-                    .map_err(|e| {
-                        VlmError::image("<request>", format!("base64 encoding failed: {e}"))
-                    })?;
-                out.push(b'"');
+                text.extend_from_slice(b"\"data:");
+                text.extend_from_slice(mime.as_str().as_bytes());
+                text.extend_from_slice(b";base64,");
+                pieces.push((text.len(), Piece::Base64(data)));
+                text.push(b'"');
             }
-            LoadedImage::Url(url) => write_json_str(&mut out, url),
+            LoadedImage::Url(url) if !needs_escape(url.as_bytes()) => {
+                text.push(b'"');
+                pieces.push((text.len(), Piece::Verbatim(url.as_bytes())));
+                text.push(b'"');
+            }
+            LoadedImage::Url(url) => write_json_str(text, url),
         }
-        out.extend_from_slice(b"}}");
+        text.extend_from_slice(b"}}");
     }
-    out.extend_from_slice(b"]}]");
+    text.extend_from_slice(b"]}]");
+    write_fields(text, request, options)?;
+    text.push(b'}');
 
+    let mut body = Overwrite { buf: out, at: 0 };
+    let mut from = 0;
+    for (at, piece) in pieces {
+        body.bytes(&skeleton[from..at]);
+        match piece {
+            Piece::Base64(data) => body.base64(data)?,
+            Piece::Verbatim(bytes) => body.bytes(bytes),
+        }
+        from = at;
+    }
+    body.bytes(&skeleton[from..]);
+    body.finish();
+    Ok(())
+}
+
+/// Writes over a buffer's initialized bytes from the start, appending past them.
+struct Overwrite<'a> {
+    buf: &'a mut Vec<u8>,
+    at: usize,
+}
+
+impl Overwrite<'_> {
+    fn bytes(&mut self, bytes: &[u8]) {
+        let over = self.buf.len().saturating_sub(self.at).min(bytes.len());
+        self.buf[self.at..self.at + over].copy_from_slice(&bytes[..over]);
+        // Past the old bytes (`at + over` is then the end): appended.
+        self.buf.extend_from_slice(&bytes[over..]);
+        self.at += bytes.len();
+    }
+
+    fn base64(&mut self, data: &[u8]) -> Result<(), VlmError> {
+        let len = base64::encoded_len(data.len(), true)
+            .ok_or_else(|| VlmError::image("<request>", "too large to encode"))?;
+        let end = self.at + len;
+        if self.buf.len() < end {
+            // Only the bytes no earlier body left are zero-filled.
+            self.buf.resize(end, 0);
+        }
+        engine()
+            .encode_slice(data, &mut self.buf[self.at..end])
+            .map_err(|e| VlmError::image("<request>", format!("base64 encoding failed: {e}")))?;
+        self.at = end;
+        Ok(())
+    }
+
+    fn finish(self) {
+        self.buf.truncate(self.at);
+    }
+}
+
+/// Whether a JSON string needs an escape: one branch-free scan.
+fn needs_escape(bytes: &[u8]) -> bool {
+    bytes.iter().fold(false, |any, &b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    })
+}
+
+/// The sampling and format fields, the stream flag, and the `extra` passthrough.
+fn write_fields(
+    out: &mut Vec<u8>,
+    request: &VlmRequest,
+    options: PayloadOptions<'_>,
+) -> Result<(), VlmError> {
     if let Some(n) = request.max_tokens {
-        write_field(&mut out, "max_tokens", &n)?;
+        write_field(out, "max_tokens", &n)?;
     }
     if let Some(t) = request.temperature {
-        write_field(&mut out, "temperature", &t)?;
+        write_field(out, "temperature", &t)?;
     }
     if let Some(p) = request.top_p {
-        write_field(&mut out, "top_p", &p)?;
+        write_field(out, "top_p", &p)?;
     }
     if !request.stop.is_empty() {
-        write_field(&mut out, "stop", &request.stop)?;
+        write_field(out, "stop", &request.stop)?;
     }
     if let Some(seed) = request.seed {
-        write_field(&mut out, "seed", &seed)?;
+        write_field(out, "seed", &seed)?;
     }
     if let Some(format) = &request.response_format {
-        write_field(&mut out, "response_format", &format.to_json())?;
+        write_field(out, "response_format", &format.to_json())?;
     }
     if options.stream {
         out.extend_from_slice(b",\"stream\":true,\"stream_options\":{\"include_usage\":true}");
     }
     for (key, value) in &request.extra {
         out.push(b',');
-        write_json_str(&mut out, key);
+        write_json_str(out, key);
         out.push(b':');
-        serde_json::to_writer(&mut out, value).map_err(serialise_error)?;
+        serde_json::to_writer(&mut *out, value).map_err(serialise_error)?;
     }
-    out.push(b'}');
-    Ok(out)
+    Ok(())
 }
 
 fn serialise_error(e: serde_json::Error) -> VlmError {
@@ -167,9 +259,7 @@ pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     // Most strings (a pre-encoded `data:` URL above all) need no escape: one branch-free scan,
     // then one copy.
-    if !bytes.iter().fold(false, |any, &b| {
-        any | (b < 0x20) | (b == b'"') | (b == b'\\')
-    }) {
+    if !needs_escape(bytes) {
         out.extend_from_slice(bytes);
         out.push(b'"');
         return;
@@ -210,6 +300,38 @@ mod tests {
 
     use super::*;
     use crate::image::ImageMime;
+
+    #[test]
+    fn a_reused_buffer_is_written_over_exactly_whatever_it_held() {
+        let request = VlmRequest::builder("Say \"hi\"\n")
+            .system_prompt("Be brief.")
+            .max_tokens(7)
+            .build()
+            .unwrap();
+        let images = [
+            LoadedImage::Inline {
+                data: (0..10_000u32)
+                    .map(|i| (i * 7) as u8)
+                    .collect::<Vec<_>>()
+                    .into(),
+                mime: ImageMime::Png,
+            },
+            LoadedImage::Url("data:image/jpeg;base64,/9j/4AAQ".to_owned()),
+            LoadedImage::Url("https://example.com/a \"b\".jpg".to_owned()),
+        ];
+        let options = || PayloadOptions::new(Some("m"));
+        let fresh = build_chat_body(&request, &images, options()).unwrap();
+        for held in [0, 10, fresh.len() - 1, fresh.len(), fresh.len() + 5000] {
+            let mut buffer = vec![b'x'; held];
+            build_chat_body_into(&mut buffer, &request, &images, options()).unwrap();
+            assert_eq!(buffer, fresh, "a buffer holding {held} bytes");
+        }
+        let value: Value = serde_json::from_slice(&fresh).unwrap();
+        assert_eq!(
+            value["messages"][1]["content"][3]["image_url"]["url"],
+            "https://example.com/a \"b\".jpg"
+        );
+    }
 
     /// The reference: the same payload built the plain way, through serde_json values.
     fn reference(request: &VlmRequest, images: &[LoadedImage], model: Option<&str>) -> Value {
