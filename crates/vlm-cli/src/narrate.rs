@@ -1071,27 +1071,13 @@ mod tests {
             .build()
             .unwrap();
         let (took, longest_stall) = rt.block_on(async {
-            let ticking = Arc::new(AtomicBool::new(true));
-            let ticker = tokio::spawn({
-                let ticking = ticking.clone();
-                async move {
-                    let mut longest = Duration::ZERO;
-                    let mut last = Instant::now();
-                    while ticking.load(Ordering::SeqCst) {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                        longest = longest.max(last.elapsed());
-                        last = Instant::now();
-                    }
-                    longest
-                }
-            });
-            tokio::task::yield_now().await;
+            let meter = vlm_testkit::StallMeter::start().await;
             let started = Instant::now();
             let prepared = job.prepare(&Input { path: path.clone() }).await;
             let took = started.elapsed();
-            ticking.store(false, Ordering::SeqCst);
+            let stall = meter.stop().await;
             assert!(matches!(prepared, Ok(Some(_))), "{:?}", prepared.err());
-            (took, ticker.await.unwrap())
+            (took, stall)
         });
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(

@@ -46,6 +46,7 @@ mod cli;
 mod routes;
 mod server;
 mod servers;
+mod stall;
 mod triton;
 
 pub use blackhole::Blackhole;
@@ -54,4 +55,5 @@ pub use cli::{EmulatorArgs, parse_emulator_args, run_emulator};
 pub use server::{
     Emulator, EmulatorConfig, EmulatorError, Fault, OpenAiFlavor, RecordedRequest, default_model,
 };
+pub use stall::StallMeter;
 pub use triton::TritonModel;

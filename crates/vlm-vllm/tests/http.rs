@@ -469,3 +469,44 @@ async fn the_api_key_is_not_carried_to_another_host_on_a_redirect() {
     redirect.assert_calls_async(1).await;
     landed.assert_calls_async(1).await;
 }
+
+/// A body with megabytes of image is encoded on the blocking pool: the async thread that drives
+/// every other request keeps ticking while it is built.
+#[test]
+fn encoding_a_large_image_leaves_the_async_thread_free() {
+    use std::time::Instant;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let server = MockServer::start_async().await;
+        server
+            .mock_async(|when, then| {
+                when.method(POST).path("/v1/chat/completions");
+                then.status(200).json_body(json!({"model": "m", "choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}));
+            })
+            .await;
+        let client = client(&server, Some("m"), None);
+        let mut image = JPEG.to_vec();
+        image.extend((0..16u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+        // What encoding it takes on this machine and build, for the comparison.
+        let t = Instant::now();
+        let encoded = vlm_core::encode_data_url(&image, vlm_core::ImageMime::Jpeg);
+        let encoding = t.elapsed();
+        drop(encoded);
+        let request = VlmRequest::builder("p")
+            .image(ImageInput::bytes(image))
+            .build()
+            .unwrap();
+        let meter = vlm_testkit::StallMeter::start().await;
+        let answer = client.infer_single(&request).await.unwrap();
+        let stall = meter.stop().await;
+        assert_eq!(answer.text, "ok");
+        assert!(
+            stall < encoding / 2,
+            "the async thread stalled {stall:?}; encoding alone takes {encoding:?}"
+        );
+    });
+}
