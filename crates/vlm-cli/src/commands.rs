@@ -232,6 +232,15 @@ pub async fn backends(global: &GlobalOpts, args: BackendsArgs) -> Result<Exit, F
 /// `vlm config`: `key = value  # source`, keys redacted.
 pub fn config(global: &GlobalOpts) -> Result<Exit, Failure> {
     let settings = global.load_settings(&[])?;
+    match settings.pyproject() {
+        Some(path) => crate::outln!("# settings file: {}", path.display()),
+        None => crate::outln!(
+            "# settings file: none found (no pyproject.toml with a [tool.imageworks] table in {} or its parents)",
+            std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|_| ".".to_owned())
+        ),
+    }
     crate::outln!(
         "# tool: {} (reads [tool.imageworks.vlm], then [tool.imageworks.{}])",
         settings.tool,

@@ -7,6 +7,33 @@ use crate::shard::Shard;
 /// The extensions a folder walk picks up, matched case-insensitively.
 pub const EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "gif"];
 
+/// Photograph types a folder walk finds but does not send (no server takes them): counted in
+/// the summary, never silently skipped. Sidecars and other files (`.xmp`, `.txt`) are not
+/// photographs and are not counted.
+pub const PASSED_OVER: [&str; 17] = [
+    "tif", "tiff", "heic", "heif", "avif", "jxl", "bmp", "psd", "dng", "cr2", "cr3", "nef", "arw",
+    "raf", "orf", "rw2", "pef",
+];
+
+/// The summary's words for what a walk passed over: `3 skipped: 1 .cr2, 1 .heic, 1 .tif`.
+pub fn passed_over_summary(
+    passed_over: &std::collections::BTreeMap<String, usize>,
+) -> Option<String> {
+    let total: usize = passed_over.values().sum();
+    if total == 0 {
+        return None;
+    }
+    let each: Vec<String> = passed_over
+        .iter()
+        .map(|(ext, n)| format!("{n} .{ext}"))
+        .collect();
+    Some(format!(
+        "{total} photograph(s) of types no server takes skipped: {} — not sent; convert them to \
+         JPEG or PNG (see docs/cli.md, Image types)",
+        each.join(", ")
+    ))
+}
+
 /// One image to narrate.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Input {
@@ -34,6 +61,9 @@ pub struct Inputs {
     paths: Vec<PathBuf>,
     /// Images found that belong to other shards (`--shard`).
     pub other_shards: usize,
+    /// Photographs of types no server takes, found in the folders walked and passed over, by
+    /// lower-case extension (`tif` → 3).
+    pub passed_over: std::collections::BTreeMap<String, usize>,
 }
 
 impl Inputs {
@@ -195,6 +225,13 @@ fn walk(root: &Path, dir: &Path, found: &mut Inputs, seen: &mut Seen, warnings: 
         } else if has_image_extension(&path) && !(kind.is_symlink() && path.is_dir()) {
             let relative = path.strip_prefix(root).unwrap_or(&path);
             seen.add(&path, relative, found);
+        } else if let Some(ext) = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .filter(|e| PASSED_OVER.contains(&e.as_str()))
+        {
+            *found.passed_over.entry(ext).or_default() += 1;
         }
     }
 }
@@ -212,6 +249,11 @@ mod tests {
             "b.PNG",
             "a.jpg",
             "notes.txt",
+            "raw.CR2",
+            "scan.tif",
+            "sub/phone.HEIC",
+            "sub/scan2.TIFF",
+            "a.xmp",
             "sub/c.WebP",
             "sub/d.gif",
             "e.JPEG",
@@ -222,6 +264,11 @@ mod tests {
         let (inputs, warnings) = discover(
             &[dir.clone(), dir.join("notes.txt"), dir.join("missing.jpg")],
             None,
+        );
+        assert_eq!(
+            passed_over_summary(&inputs.passed_over).unwrap(),
+            "4 photograph(s) of types no server takes skipped: 1 .cr2, 1 .heic, 1 .tif, 1 .tiff — \
+             not sent; convert them to JPEG or PNG (see docs/cli.md, Image types)"
         );
         let names: Vec<String> = inputs
             .into_iter()

@@ -151,15 +151,42 @@ pub async fn resolve_backend(
     }
 }
 
-/// The pre-flight health check: polled up to `wait` when given.
+/// The pre-flight health check: polled up to `wait` when given, saying (at the default log
+/// level) that it waits, why, and every 15 s how long is left.
 pub async fn check_health(
     client: &dyn vlm_core::VlmClient,
     wait: Option<std::time::Duration>,
 ) -> Result<vlm_core::HealthReport, Failure> {
-    Ok(match wait {
-        Some(wait) => client.wait_ready(wait).await?,
-        None => client.health().await?,
-    })
+    use vlm_core::HealthState;
+    let report = client.health().await?;
+    let Some(wait) = wait else { return Ok(report) };
+    if !matches!(
+        report.state,
+        HealthState::Starting { .. } | HealthState::Unreachable { .. }
+    ) || wait.is_zero()
+    {
+        return Ok(report);
+    }
+    let started = std::time::Instant::now();
+    tracing::info!(
+        "the {} server at {} is {}; waiting up to {:.0} s for it (--wait)",
+        client.backend(),
+        report.base_url,
+        report.state.label(),
+        wait.as_secs_f64()
+    );
+    let polling = client.wait_ready(wait);
+    let mut polling = std::pin::pin!(polling);
+    let every = std::time::Duration::from_secs(15);
+    loop {
+        tokio::select! {
+            report = &mut polling => return Ok(report?),
+            () = tokio::time::sleep(every) => tracing::info!(
+                "still waiting for the server: {:.0} s left of --wait",
+                wait.saturating_sub(started.elapsed()).as_secs_f64()
+            ),
+        }
+    }
 }
 
 /// How long requests wait for a server that went away mid-run (a restart, a model swap)
@@ -366,7 +393,15 @@ impl GlobalOpts {
                 loader = loader.set_override(key, value, flag);
             }
         }
-        Ok(loader.load()?)
+        let settings = loader.load()?;
+        match settings.pyproject() {
+            Some(path) => tracing::debug!("settings from {}", path.display()),
+            None => tracing::debug!(
+                "no pyproject.toml with a [tool.imageworks] table here or in a parent folder; \
+                 settings from defaults, --config, VLM_* variables and flags"
+            ),
+        }
+        Ok(settings)
     }
 }
 

@@ -34,12 +34,13 @@ Keys: path, sha256, backend, model, text, finish_reason, usage, latency_ms, erro
 (error is null on success; on error text, finish_reason and usage are null).
 
 Resume: --resume skips images whose last record is a success for the same path and sha256,
-redoes the rest, and cuts a torn last line. An existing non-empty --output is refused without
+redoes the rest, and cuts a torn last line. An answer cut off by max_tokens (finish_reason
+\"length\") is a success, counted apart in the summary; --resume --redo-truncated redoes those too. An existing non-empty --output is refused without
 --resume or --overwrite. The output is locked while a run writes it: a second run on the same
 --output is refused (exit 2). A record that cannot be written (disk full) stops the run with
 exit 5; the file keeps whole lines only, and --resume finishes the job once there is room.
 
---prompt-file: a regular text file of at most 1 MiB.
+--prompt-file: a regular text file of at most 1 MiB, or - for standard input.
 
 Examples:
   vlm narrate --emulate assets/samples                 # no server needed: the built-in emulator
@@ -56,7 +57,7 @@ pub struct NarrateArgs {
     /// The prompt (default: describe residual colour in a photograph meant to be monochrome)
     #[arg(long, conflicts_with = "prompt_file")]
     prompt: Option<String>,
-    /// Read the prompt from a file
+    /// Read the prompt from a file (- for standard input)
     #[arg(long, value_name = "FILE")]
     prompt_file: Option<PathBuf>,
     /// max_tokens per answer [setting: vlm_max_tokens, default 300]
@@ -88,6 +89,10 @@ pub struct NarrateArgs {
     /// Replace an existing --output
     #[arg(long, requires = "output")]
     overwrite: bool,
+    /// With --resume: also redo images whose answer was cut off by max_tokens
+    /// (finish_reason "length")
+    #[arg(long, requires = "resume")]
+    redo_truncated: bool,
     /// Wait up to this many seconds for a server that is still starting before the run; during
     /// the run, how long requests wait for a server that went away (default 60) before the run
     /// stops with exit 3
@@ -351,6 +356,21 @@ fn read_prompt_file(file: &std::path::Path) -> Result<String, Failure> {
     use std::io::Read as _;
     let shown = file.display();
     let fail = |why: String| Failure::usage(format!("--prompt-file {shown}: {why}"));
+    if file == std::path::Path::new("-") {
+        // Standard input, with the same limit.
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .lock()
+            .take(MAX_PROMPT_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| fail(format!("cannot read standard input: {e}")))?;
+        if bytes.len() as u64 > MAX_PROMPT_FILE_BYTES {
+            return Err(fail(format!(
+                "standard input holds over {MAX_PROMPT_FILE_BYTES} bytes (1 MiB), the limit for a prompt"
+            )));
+        }
+        return String::from_utf8(bytes).map_err(|_| fail("not UTF-8 text".to_owned()));
+    }
     let meta = std::fs::metadata(file).map_err(|e| fail(format!("cannot read it: {e}")))?;
     if !meta.is_file() {
         return Err(fail(
@@ -490,6 +510,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     for w in warnings {
         tracing::warn!("{}", escape_controls(&w));
     }
+    let passed_over = crate::files::passed_over_summary(&inputs.passed_over);
     if let Some(shard) = shard {
         tracing::info!(
             "shard {shard}: {} of {} image(s) found are this shard's",
@@ -507,10 +528,11 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
 
     // Opened, and locked, before anything is sent: a second run on the same output is refused
     // here, and --stream never narrates an image it cannot record.
-    let (sink, previous) = match &args.output {
+    let (sink, mut previous) = match &args.output {
         Some(path) => crate::output::open(path, args.resume, args.overwrite)?,
         None => (Sink::Stdout, Previous::default()),
     };
+    previous.redo_truncated = args.redo_truncated;
     warn_about_previous(&previous, &*client);
     let mut job = Job::new(&client, &prompt, &settings, previous);
     job.schema = schema.map(Arc::new);
@@ -519,6 +541,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
         return stream_one(&job, inputs.into_iter().collect(), sink).await;
     }
     let run = Run {
+        passed_over,
         replicas,
         concurrency: args.concurrency,
         outage_wait: args.wait.unwrap_or(crate::OUTAGE_WAIT),
@@ -529,6 +552,17 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
 
 /// Says what resuming found in the existing output.
 fn warn_about_previous(previous: &Previous, client: &dyn VlmClient) {
+    let truncated = previous.truncated();
+    if truncated > 0 {
+        if previous.redo_truncated {
+            tracing::info!("--redo-truncated: redoing {truncated} answer(s) cut off by max_tokens");
+        } else {
+            tracing::info!(
+                "{truncated} answer(s) in the output were cut off by max_tokens; \
+                 --redo-truncated redoes them"
+            );
+        }
+    }
     if previous.torn_bytes > 0 {
         tracing::warn!(
             "cut a torn last line ({} bytes) from the output; that image will be redone",
@@ -576,12 +610,16 @@ struct Tally {
     skipped: usize,
     /// Records that could not be written.
     unwritten: usize,
+    /// Successes cut off by max_tokens (`finish_reason: "length"`).
+    truncated: usize,
     /// Error records of images whose server went away for good.
     gone: usize,
 }
 
 /// How a run sends: through which endpoints, with what concurrency.
 struct Run {
+    /// What the folder walk passed over (types no server takes), for the summary.
+    passed_over: Option<String>,
     replicas: vlm_core::Replicas,
     concurrency: Concurrency,
     /// How long requests wait for a server that went away.
@@ -683,6 +721,9 @@ async fn narrate_all(
     }
     if !run.quiet {
         summarise(&tally, total, started.elapsed().as_secs_f64(), &sink);
+        if let Some(line) = &run.passed_over {
+            eprintln!("{}", escape_controls(line));
+        }
         summarise_endpoints(&run.replicas);
     }
     if let Some(e) = drained.write_error {
@@ -765,6 +806,9 @@ fn take(
         }
         Ok(()) => {
             tally.done += 1;
+            if record.finish_reason.as_deref() == Some("length") {
+                tally.truncated += 1;
+            }
             Ok(())
         }
         Err(e) => {
@@ -826,6 +870,13 @@ fn summarise(tally: &Tally, total: usize, elapsed: f64, sink: &Sink) {
             0.0
         }
     );
+    if tally.truncated > 0 {
+        eprintln!(
+            "{} cut off by max_tokens (finish_reason \"length\"): raise --max-tokens and run again \
+             with --resume --redo-truncated to redo them",
+            tally.truncated
+        );
+    }
 }
 
 /// SIGINT (Ctrl-C) as a stream of events.

@@ -128,8 +128,11 @@ pub fn normalise(path: &str) -> String {
 /// What an existing output already holds.
 #[derive(Debug, Default)]
 pub struct Previous {
-    /// Normalised path → the sha256 of its last record when that record is a success.
-    done: HashMap<String, Option<[u8; 32]>>,
+    /// Normalised path → the sha256 of its last record when that record is a success, and
+    /// whether its answer was cut off by max_tokens (`finish_reason: "length"`).
+    done: HashMap<String, Option<([u8; 32], bool)>>,
+    /// `--redo-truncated`: an answer cut off by max_tokens does not count as done.
+    pub redo_truncated: bool,
     /// The backend/model pairs seen.
     pub runs: BTreeSet<(String, String)>,
     /// Lines that were not records (reported, left in place).
@@ -155,6 +158,8 @@ struct Seen<'a> {
     text: Option<IgnoredAny>,
     #[serde(default)]
     error: Option<IgnoredAny>,
+    #[serde(default, borrow)]
+    finish_reason: Option<std::borrow::Cow<'a, str>>,
 }
 
 fn sha_bytes(hex: &str) -> Option<[u8; 32]> {
@@ -197,11 +202,21 @@ impl Resumable for Previous {
 
 impl Previous {
     /// Whether `path` with these bytes already has a successful record.
+    /// Under `--redo-truncated`, an answer cut off by max_tokens is not done.
     pub fn is_done(&self, path: &str, sha256: &str) -> bool {
         matches!(
             (self.done.get(&normalise(path)), sha_bytes(sha256)),
-            (Some(Some(seen)), Some(now)) if *seen == now
+            (Some(Some((seen, truncated))), Some(now))
+                if *seen == now && !(*truncated && self.redo_truncated)
         )
+    }
+
+    /// How many images' last record is a success cut off by max_tokens.
+    pub fn truncated(&self) -> usize {
+        self.done
+            .values()
+            .filter(|d| matches!(d, Some((_, true))))
+            .count()
     }
 
     /// Takes one line of the previous output into account.
@@ -218,8 +233,12 @@ impl Previous {
         if !self.runs.contains(&run) {
             self.runs.insert(run);
         }
+        let truncated = seen.finish_reason.as_deref() == Some("length");
         let sha = if success {
-            seen.sha256.as_deref().and_then(sha_bytes)
+            seen.sha256
+                .as_deref()
+                .and_then(sha_bytes)
+                .map(|sha| (sha, truncated))
         } else {
             None
         };

@@ -38,7 +38,9 @@ mod settings;
 
 use std::sync::Arc;
 
-pub use settings::{KEYS, KeySpec, SettingsLoader, Source, VlmSettings, known_keys};
+pub use settings::{
+    KEYS, KeySpec, SettingsLoader, Source, VlmSettings, find_pyproject, known_keys,
+};
 pub use vlm_core::{ReplicaOptions, Replicas, VlmBackend, VlmClient, VlmError};
 
 /// The backends compiled into this build.

@@ -309,7 +309,8 @@ impl SettingsLoader {
         self
     }
 
-    /// The directory whose `pyproject.toml` is read (default: the current directory).
+    /// The directory the settings are looked for from (default: the current directory): the
+    /// nearest `pyproject.toml` with a `[tool.imageworks]` table, here or in a parent, is read.
     pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cwd = dir.into();
         self
@@ -380,8 +381,11 @@ impl SettingsLoader {
         // Merged by figment in this order, later winning: the pyproject tables, a --config
         // file, each VLM_* variable, each override.
         let mut layers = Layers::new();
-        for (table, values) in self.pyproject_tables(&mut warnings)? {
-            layers = layers.file(PathBuf::from("pyproject.toml"), Some(table), values);
+        let pyproject = find_pyproject(&self.cwd);
+        if let Some(path) = &pyproject {
+            for (table, values) in self.pyproject_tables(path, &mut warnings)? {
+                layers = layers.file(shown_path(&self.cwd, path), Some(table), values);
+            }
         }
         if let Some(path) = &self.config_file {
             layers = layers.file(path.clone(), None, config_values(path, &mut warnings)?);
@@ -400,24 +404,22 @@ impl SettingsLoader {
             settings.auto = Some(Box::new(self.clone()));
         }
         settings.warnings = warnings;
+        settings.pyproject = pyproject;
         Ok(settings)
     }
 
     /// The `vlm_*` keys of `[tool.imageworks.vlm]`, then of the tool's own table.
     fn pyproject_tables(
         &self,
+        path: &Path,
         warnings: &mut Vec<String>,
     ) -> Result<Vec<(String, Dict)>, VlmError> {
-        let path = self.cwd.join("pyproject.toml");
-        if !path.is_file() {
-            return Ok(Vec::new());
-        }
         let mut tables = vec!["tool.imageworks.vlm".to_owned()];
         let own = format!("tool.imageworks.{}", self.tool);
         if !tables.contains(&own) {
             tables.push(own);
         }
-        let root = Figment::from(Toml::file_exact(&path));
+        let root = Figment::from(Toml::file_exact(path));
         let mut layers = Vec::new();
         for table in tables {
             let values: Dict = root.focus(&table).extract().map_err(|e| {
@@ -604,6 +606,8 @@ pub struct VlmSettings {
     warnings: Vec<String>,
     /// For `vlm_backend = "auto"`: the loader to run again once the backend is detected.
     auto: Option<Box<SettingsLoader>>,
+    /// The `pyproject.toml` read, if any.
+    pyproject: Option<PathBuf>,
 }
 
 impl VlmSettings {
@@ -618,6 +622,12 @@ impl VlmSettings {
             overrides: BTreeMap::new(),
             detected: None,
         }
+    }
+
+    /// The `pyproject.toml` read (the nearest with a `[tool.imageworks]` table, in the working
+    /// directory or a parent), or `None` when there is none.
+    pub fn pyproject(&self) -> Option<&Path> {
+        self.pyproject.as_deref()
     }
 
     /// Where the resolved value of a generic key (`vlm_base_url`, `vlm_timeout`, ...) came from.
@@ -767,6 +777,32 @@ fn number(raw: &Raw) -> Option<f64> {
     match raw {
         Raw::Toml(Value::Num(_, n)) => Some(num_f64(n)),
         other => other.text()?.trim().parse::<f64>().ok(),
+    }
+}
+
+/// The `pyproject.toml` settings are read from: the nearest one, in `cwd` or a parent, that has
+/// a `[tool.imageworks]` table (as ruff looks for the nearest with `[tool.ruff]`), so a run from a
+/// project's subfolder finds the project's settings and a sub-package's own pyproject without
+/// ImageWorks settings is passed over. A file that cannot be read is taken as the one (its error
+/// is then reported), not silently skipped.
+pub fn find_pyproject(cwd: &Path) -> Option<PathBuf> {
+    let cwd = std::path::absolute(cwd).unwrap_or_else(|_| cwd.to_path_buf());
+    cwd.ancestors()
+        .map(|dir| dir.join("pyproject.toml"))
+        .filter(|path| path.is_file())
+        .find(|path| match std::fs::read_to_string(path) {
+            Ok(text) => text.contains("[tool.imageworks") || text.contains("tool.imageworks."),
+            Err(_) => true,
+        })
+}
+
+/// The file as sources name it: `pyproject.toml` when it is in `cwd`, else its whole path.
+fn shown_path(cwd: &Path, found: &Path) -> PathBuf {
+    let here = std::path::absolute(cwd).map(|d| d.join("pyproject.toml"));
+    if here.is_ok_and(|h| h == found) {
+        PathBuf::from("pyproject.toml")
+    } else {
+        found.to_path_buf()
     }
 }
 
@@ -1053,6 +1089,7 @@ fn resolve(
         sources,
         warnings: Vec::new(),
         auto: None,
+        pyproject: None,
     };
     Ok((settings, choice == Choice::Auto))
 }

@@ -204,6 +204,31 @@ async fn prompt_files_must_be_small_regular_files() {
         );
     }
     assert!(e.chat_requests().is_empty());
+
+    // `-`: standard input, the same limit.
+    for (input, code) in [
+        (b"List the subjects.".to_vec(), Some(0)),
+        (vec![b'a'; 2 * 1024 * 1024], Some(2)),
+    ] {
+        let mut cmd = narrate(&dir, &e, &["--prompt-file", "-"]);
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let out = tokio::task::spawn_blocking(move || {
+            let mut child = cmd.spawn().unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            let _ = std::io::Write::write_all(&mut stdin, &input);
+            drop(stdin);
+            child.wait_with_output().unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(out.status.code(), code, "{}", stderr(&out));
+    }
+    let asked = e.chat_requests();
+    assert!(!asked.is_empty());
+    let prompt = &asked[0].json.as_ref().unwrap()["messages"][0]["content"][0]["text"];
+    assert_eq!(prompt, "List the subjects.");
 }
 
 #[cfg(feature = "vllm")]

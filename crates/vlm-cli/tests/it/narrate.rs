@@ -670,3 +670,83 @@ async fn max_image_edge_shrinks_what_is_sent_not_the_records_sha256() {
         stderr(&out)
     );
 }
+
+#[cfg(feature = "vllm")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_cut_off_by_max_tokens_are_counted_and_redo_truncated_redoes_them() {
+    let e =
+        vlm_testkit::Emulator::start(vlm_testkit::EmulatorConfig::new(vlm_core::VlmBackend::Vllm))
+            .await
+            .unwrap();
+    let dir = workdir();
+    let narrate = |extra: &[&str]| {
+        let mut cmd = vlm(&dir);
+        cmd.args([
+            "narrate",
+            "images",
+            "--vlm-base-url",
+            &e.base_url(),
+            "-o",
+            "out.jsonl",
+        ])
+        .args(extra);
+        cmd
+    };
+    let out = run(narrate(&["--max-tokens", "3"])).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("5 cut off by max_tokens (finish_reason \"length\")"),
+        "{}",
+        stderr(&out)
+    );
+    // A plain resume keeps them (they are answers), and says how to redo them.
+    let out = run(narrate(&["--resume"])).await;
+    assert!(
+        stderr(&out).contains("0 of 5 image(s)")
+            && stderr(&out).contains("--redo-truncated redoes them"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(narrate(&["--resume", "--redo-truncated"])).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("narrated 5 of 5 image(s)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !stderr(&out).contains("cut off by max_tokens (finish"),
+        "{}",
+        stderr(&out)
+    );
+    let text = std::fs::read_to_string(dir.join("out.jsonl")).unwrap();
+    let last: Vec<_> = records(&text).into_iter().skip(5).collect();
+    assert!(
+        last.iter().all(|r| r["finish_reason"] == "stop"),
+        "{last:?}"
+    );
+}
+
+#[cfg(feature = "vllm")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn photographs_of_types_no_server_takes_are_counted_by_type_in_the_summary() {
+    let e = Emulator::start(EmulatorConfig::new(VlmBackend::Vllm))
+        .await
+        .unwrap();
+    let dir = workdir();
+    for name in ["raw.CR2", "scan.tif", "phone.heic", "notes.xmp"] {
+        std::fs::write(dir.join("images").join(name), b"not sent").unwrap();
+    }
+    let mut cmd = vlm(&dir);
+    cmd.args(["narrate", "images", "--vlm-base-url", &e.base_url()]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "3 photograph(s) of types no server takes skipped: 1 .cr2, 1 .heic, 1 .tif — not sent"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(e.chat_requests().len(), 5);
+}

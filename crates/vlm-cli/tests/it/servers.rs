@@ -162,6 +162,12 @@ async fn the_generic_backend_narrates_behind_a_prefix_and_waits_out_a_loading_ll
     ]);
     let out = run(cmd).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // Said at the default log level: that it waits, why, and for how long.
+    assert!(
+        stderr(&out).contains("is starting; waiting up to 15 s for it (--wait)"),
+        "{}",
+        stderr(&out)
+    );
 
     // No URL for the generic backend: a configuration error naming the settings.
     let mut cmd = vlm(&dir);

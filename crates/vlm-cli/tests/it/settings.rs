@@ -157,3 +157,48 @@ async fn a_missing_config_file_exits_2() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_are_found_from_a_subfolder_and_config_names_the_file() {
+    let dir = workdir();
+    std::fs::write(
+        dir.join("pyproject.toml"),
+        "[project]\nname = \"imageworks\"\n\n[tool.imageworks.color_narrator]\nvlm_model = \"from-the-project\"\n",
+    )
+    .unwrap();
+    // A sub-package's own pyproject without ImageWorks settings is passed over.
+    std::fs::create_dir_all(dir.join("pkg/photos/2024")).unwrap();
+    std::fs::write(
+        dir.join("pkg/pyproject.toml"),
+        "[project]\nname = \"pkg\"\n",
+    )
+    .unwrap();
+    let deep = dir.join("pkg/photos/2024");
+    let mut cmd = vlm(&deep);
+    cmd.arg("config");
+    let out = run(cmd).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let file = dir.join("pyproject.toml").canonicalize().unwrap();
+    assert!(
+        text.contains(&format!("# settings file: {}", file.display())),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "vlm_model = \"from-the-project\"  # {} [tool.imageworks.color_narrator] vlm_model",
+            file.display()
+        )),
+        "{text}"
+    );
+
+    // Nothing above: said so, not silently defaults.
+    let bare = std::env::temp_dir().join(format!("vlm-bare-{}", std::process::id()));
+    std::fs::create_dir_all(&bare).unwrap();
+    let mut cmd = vlm(&bare);
+    cmd.arg("config");
+    let out = run(cmd).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("# settings file: none found"), "{text}");
+    std::fs::remove_dir_all(&bare).unwrap();
+}
