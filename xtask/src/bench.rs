@@ -444,21 +444,7 @@ fn narrator_pipeline(
             .and_then(|r| r.strip_suffix(" images/s"))
             .and_then(|r| r.parse::<f64>().ok())
             .ok_or_else(|| format!("narrate did not narrate every copy: {log}"))?;
-        let v = run_json(Command::new(bin.join("vlm-loadgen")).args([
-            "load",
-            "--url",
-            url,
-            "--image",
-            &jpeg.to_string_lossy(),
-            "--requests",
-            &COPIES.to_string(),
-            "--concurrency",
-            "32",
-            "--mode",
-            "client",
-            "--driver",
-            "task",
-        ]))?;
+        let v = loadgen(bin, url, jpeg, COPIES, 32, "client", "task")?;
         let lib = v["req_per_s"].as_f64().unwrap_or(0.0);
         eprintln!("pipeline: narrate {per_s:.0} images/s, library loop {lib:.0} images/s");
         narrate.push(per_s);
@@ -487,6 +473,33 @@ fn pipeline_section(md: &mut String, p: &Pipeline, jpeg_len: usize) {
     ));
 }
 
+/// One `vlm-loadgen load` run: its JSON line.
+fn loadgen(
+    bin: &Path,
+    url: &str,
+    jpeg: &Path,
+    requests: usize,
+    concurrency: usize,
+    mode: &str,
+    driver: &str,
+) -> Result<Value, String> {
+    run_json(Command::new(bin.join("vlm-loadgen")).args([
+        "load",
+        "--url",
+        url,
+        "--image",
+        &jpeg.to_string_lossy(),
+        "--requests",
+        &requests.to_string(),
+        "--concurrency",
+        &concurrency.to_string(),
+        "--mode",
+        mode,
+        "--driver",
+        driver,
+    ]))
+}
+
 /// One W1 row: medians over rounds, and the median of the per-round client/raw ratios.
 struct LoadRow {
     driver: &'static str,
@@ -511,21 +524,7 @@ fn load_row(
     let mut ratios = Vec::new();
     for _ in 0..rounds {
         for (mode, results) in &mut per_mode {
-            let v = run_json(Command::new(bin.join("vlm-loadgen")).args([
-                "load",
-                "--url",
-                url,
-                "--image",
-                &jpeg.to_string_lossy(),
-                "--requests",
-                &requests.to_string(),
-                "--concurrency",
-                &concurrency.to_string(),
-                "--mode",
-                mode,
-                "--driver",
-                driver,
-            ]))?;
+            let v = loadgen(bin, url, jpeg, requests, concurrency, mode, driver)?;
             eprintln!("{v}");
             results.push(v);
         }

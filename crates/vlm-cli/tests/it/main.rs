@@ -36,6 +36,21 @@ pub fn vlm(cwd: &Path) -> Command {
     cmd
 }
 
+/// `vlm narrate images --vlm-base-url URL` in `dir`, then `extra`.
+pub fn narrate_in(dir: &Path, base_url: &str, extra: &[&str]) -> Command {
+    let mut cmd = vlm(dir);
+    cmd.args(["narrate", "images", "--vlm-base-url", base_url])
+        .args(extra);
+    cmd
+}
+
+/// A vLLM emulator with its default model.
+pub async fn vllm_emulator() -> vlm_testkit::Emulator {
+    vlm_testkit::Emulator::start(vlm_testkit::EmulatorConfig::new(vlm_core::VlmBackend::Vllm))
+        .await
+        .unwrap()
+}
+
 /// Runs the command off the async runtime's threads (the emulators live there).
 pub async fn run(mut cmd: Command) -> Output {
     tokio::task::spawn_blocking(move || cmd.output().unwrap())

@@ -674,23 +674,12 @@ async fn max_image_edge_shrinks_what_is_sent_not_the_records_sha256() {
 #[cfg(feature = "vllm")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_cut_off_by_max_tokens_are_counted_and_redo_truncated_redoes_them() {
-    let e =
-        vlm_testkit::Emulator::start(vlm_testkit::EmulatorConfig::new(vlm_core::VlmBackend::Vllm))
-            .await
-            .unwrap();
+    let e = crate::vllm_emulator().await;
     let dir = workdir();
     let narrate = |extra: &[&str]| {
-        let mut cmd = vlm(&dir);
-        cmd.args([
-            "narrate",
-            "images",
-            "--vlm-base-url",
-            &e.base_url(),
-            "-o",
-            "out.jsonl",
-        ])
-        .args(extra);
-        cmd
+        let mut args = vec!["-o", "out.jsonl"];
+        args.extend_from_slice(extra);
+        crate::narrate_in(&dir, &e.base_url(), &args)
     };
     let out = run(narrate(&["--max-tokens", "3"])).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -730,15 +719,12 @@ async fn answers_cut_off_by_max_tokens_are_counted_and_redo_truncated_redoes_the
 #[cfg(feature = "vllm")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn photographs_of_types_no_server_takes_are_counted_by_type_in_the_summary() {
-    let e = Emulator::start(EmulatorConfig::new(VlmBackend::Vllm))
-        .await
-        .unwrap();
+    let e = crate::vllm_emulator().await;
     let dir = workdir();
     for name in ["raw.CR2", "scan.tif", "phone.heic", "notes.xmp"] {
         std::fs::write(dir.join("images").join(name), b"not sent").unwrap();
     }
-    let mut cmd = vlm(&dir);
-    cmd.args(["narrate", "images", "--vlm-base-url", &e.base_url()]);
+    let cmd = crate::narrate_in(&dir, &e.base_url(), &[]);
     let out = run(cmd).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(

@@ -108,26 +108,25 @@ async fn two_endpoints_one_killed_mid_run_every_image_narrated_once_exit_0() {
     assert!(!a.chat_requests().is_empty());
 }
 
-#[cfg(feature = "vllm")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_server_restarted_on_its_port_10_s_later_loses_nothing() {
+/// A narration of 30 images into `out.jsonl` whose server is killed after 5 records: the work
+/// folder, the server's port, the number of images, and the run still going.
+async fn killed_mid_run(extra: &[&str]) -> (std::path::PathBuf, u16, usize, Child) {
     let e = vllm(50).await;
     let port = e.addr().port();
     let dir = workdir();
     let total = copies(&dir, 6);
-    let mut cmd = vlm(&dir);
-    cmd.args([
-        "narrate",
-        "images",
-        "--vlm-base-url",
-        &e.base_url(),
-        "-o",
-        "out.jsonl",
-    ]);
-    cmd.args(["--concurrency", "2"]);
-    let child = spawn(cmd);
+    let mut args = vec!["-o", "out.jsonl", "--concurrency", "2"];
+    args.extend_from_slice(extra);
+    let child = spawn(crate::narrate_in(&dir, &e.base_url(), &args));
     lines_reach(&dir.join("out.jsonl"), 5).await;
     drop(e);
+    (dir, port, total, child)
+}
+
+#[cfg(feature = "vllm")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_restarted_on_its_port_10_s_later_loses_nothing() {
+    let (dir, port, total, child) = killed_mid_run(&[]).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
     let config = EmulatorConfig::new(VlmBackend::Vllm).with_port(port);
     let _back = Emulator::start(config).await.unwrap();
@@ -143,23 +142,7 @@ async fn the_server_restarted_on_its_port_10_s_later_loses_nothing() {
 #[cfg(feature = "vllm")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_gone_longer_than_wait_stops_the_run_with_exit_3_and_resume_finishes_it() {
-    let e = vllm(50).await;
-    let port = e.addr().port();
-    let dir = workdir();
-    let total = copies(&dir, 6);
-    let mut cmd = vlm(&dir);
-    cmd.args([
-        "narrate",
-        "images",
-        "--vlm-base-url",
-        &e.base_url(),
-        "-o",
-        "out.jsonl",
-    ]);
-    cmd.args(["--concurrency", "2", "--wait", "2"]);
-    let child = spawn(cmd);
-    lines_reach(&dir.join("out.jsonl"), 5).await;
-    drop(e);
+    let (dir, port, total, child) = killed_mid_run(&["--wait", "2"]).await;
     let out = finish(child).await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(3), "{err}");
@@ -240,16 +223,11 @@ async fn shards_cover_every_image_exactly_once_and_auto_reads_the_scheduler() {
     assert_eq!(all.len(), total);
 
     // Slurm: task 12 of an array starting at 10, three tasks: shard 2/3, the same images.
-    let mut cmd = vlm(&dir);
-    cmd.args([
-        "narrate",
-        "images",
-        "--vlm-base-url",
+    let mut cmd = crate::narrate_in(
+        &dir,
         &e.base_url(),
-        "-o",
-        "slurm.jsonl",
-    ]);
-    cmd.args(["--shard", "auto"]);
+        &["-o", "slurm.jsonl", "--shard", "auto"],
+    );
     cmd.env("SLURM_ARRAY_TASK_ID", "12")
         .env("SLURM_ARRAY_TASK_MIN", "10")
         .env("SLURM_ARRAY_TASK_COUNT", "3");
@@ -311,16 +289,17 @@ async fn concurrency_auto_reaches_ninety_percent_of_the_best_fixed_level_on_the_
         let e = Emulator::start(EmulatorConfig::new(VlmBackend::Vllm).with_capacity(capacity))
             .await
             .unwrap();
-        let mut cmd = vlm(&dir);
-        cmd.args([
-            "narrate",
-            "images",
-            "--vlm-base-url",
+        let cmd = crate::narrate_in(
+            &dir,
             &e.base_url(),
-            "-o",
-            "out.jsonl",
-        ]);
-        cmd.args(["--overwrite", "--concurrency", concurrency]);
+            &[
+                "-o",
+                "out.jsonl",
+                "--overwrite",
+                "--concurrency",
+                concurrency,
+            ],
+        );
         let out = run(cmd).await;
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(0), "{concurrency}: {err}");
