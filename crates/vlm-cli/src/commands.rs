@@ -153,6 +153,12 @@ pub async fn backends(global: &GlobalOpts, args: BackendsArgs) -> Result<Exit, F
         )];
         let mut scoped = global.clone();
         scoped.vlm_backend = None;
+        let is_chosen = backend == chosen.backend && !chosen.is_auto();
+        // `--vlm-base-url U` names the chosen backend's server: the other rows keep their own.
+        let probe_given = global.vlm_base_url.is_some();
+        if probe_given && !is_chosen {
+            scoped.vlm_base_url = None;
+        }
         let settings = match scoped.load_settings(&flags) {
             Ok(settings) => settings,
             // `openai` with no URL anywhere: nothing to show or check.
@@ -178,11 +184,7 @@ pub async fn backends(global: &GlobalOpts, args: BackendsArgs) -> Result<Exit, F
             "-".to_owned()
         };
         let model = settings.model.clone().unwrap_or_else(|| "-".to_owned());
-        let mark = if backend == chosen.backend && !chosen.is_auto() {
-            "*"
-        } else {
-            " "
-        };
+        let mark = if is_chosen { "*" } else { " " };
         let mut line = format!(
             "{:<9} {:<9} {:<28} {:<34} {:<28}",
             format!("{backend}{mark}"),
@@ -194,7 +196,9 @@ pub async fn backends(global: &GlobalOpts, args: BackendsArgs) -> Result<Exit, F
             model
         );
         if args.check {
-            let status = if !(configured || settings.model.is_some() || backend == chosen.backend) {
+            let status = if !(configured || settings.model.is_some() || backend == chosen.backend)
+                || (probe_given && !is_chosen)
+            {
                 "-".to_owned()
             } else if !is_compiled(backend) {
                 "not compiled".to_owned()
@@ -214,7 +218,7 @@ pub async fn backends(global: &GlobalOpts, args: BackendsArgs) -> Result<Exit, F
     }
     if chosen.is_auto() {
         let said = if args.check {
-            match vlm_factory::resolve_backend(chosen).await {
+            match vlm_factory::resolve_backend(chosen.clone()).await {
                 Ok((_, Some(found))) => format!("detected: {found}"),
                 Ok((_, None)) => "nothing detected".to_owned(),
                 Err(e) => format!("detection failed: {e}"),
@@ -225,6 +229,17 @@ pub async fn backends(global: &GlobalOpts, args: BackendsArgs) -> Result<Exit, F
         crate::outln!("(vlm_backend = auto: {said})");
     } else {
         crate::outln!("(* the backend chosen by the current configuration)");
+    }
+    if let (Some(url), true) = (&global.vlm_base_url, args.check) {
+        let whom = if chosen.is_auto() {
+            "probed by auto detection".to_owned()
+        } else {
+            format!("checked with the chosen backend, {}, only", chosen.backend)
+        };
+        crate::outln!(
+            "(--vlm-base-url {}: {whom}; the other rows show their own configured URLs, unchecked)",
+            vlm_core::text::escape_controls(url)
+        );
     }
     Ok(Exit::Ok)
 }

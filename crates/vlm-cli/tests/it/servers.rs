@@ -320,3 +320,39 @@ async fn auto_with_wait_rides_out_a_loading_server() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("backend: openai\ndetected: openai"));
 }
+
+#[cfg(all(feature = "vllm", feature = "lmdeploy"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_check_probes_a_given_url_with_the_chosen_backend_only_and_says_so() {
+    let e = crate::vllm_emulator().await;
+    let dir = workdir();
+    let mut cmd = vlm(&dir);
+    cmd.args(["backends", "--check", "--vlm-base-url", &e.base_url()]);
+    let out = run(cmd).await;
+    let text = String::from_utf8(out.stdout.clone()).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} row in {text}"))
+            .to_owned()
+    };
+    assert!(
+        row("vllm*").contains(&e.base_url()) && row("vllm*").ends_with("ready"),
+        "{text}"
+    );
+    let lmdeploy = row("lmdeploy ");
+    assert!(
+        !lmdeploy.contains(&e.base_url()) && lmdeploy.ends_with(" -"),
+        "{text}"
+    );
+    assert!(
+        text.contains("checked with the chosen backend, vllm, only; the other rows show their own configured URLs, unchecked"),
+        "{text}"
+    );
+    // Only the chosen backend's probes reached the server.
+    assert!(
+        e.requests().iter().all(|r| !r.path.starts_with("/v1/chat")),
+        "no inference"
+    );
+}
