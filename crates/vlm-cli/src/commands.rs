@@ -58,6 +58,18 @@ pub struct EmulateArgs {
     /// takes N/R s)
     #[arg(long, value_name = "R", requires = "capacity", default_value_t = 50.0)]
     token_rate: f64,
+    /// Fail the next chat calls, to rehearse failures (repeatable, in order): a status (503x2 =
+    /// twice; 429 with Retry-After: 1; 502 as a proxy's HTML page), hang, drop (the body cut
+    /// mid-way) or close (closed before any byte)
+    #[arg(long, value_name = "FAULT")]
+    fault: Vec<String>,
+    /// Keep the port closed (connections refused) this long, as a server loading its model
+    /// (10s, 500ms, 2m)
+    #[arg(long, value_name = "DURATION")]
+    start_after: Option<String>,
+    /// Delay every chat answer this long (10s, 500ms)
+    #[arg(long, value_name = "DURATION")]
+    delay: Option<String>,
 }
 
 /// `vlm health`: prints the report, one block per endpoint when `vlm_base_url` lists several;
@@ -274,9 +286,53 @@ pub fn config(global: &GlobalOpts) -> Result<Exit, Failure> {
     Ok(Exit::Ok)
 }
 
+/// `vlm emulate` takes its own options: a global one it would ignore is refused, naming what
+/// to use instead (only -v and -q apply).
+fn refuse_ignored(global: &GlobalOpts) -> Result<(), Failure> {
+    let given = [
+        (global.vlm_backend.is_some(), "--vlm-backend", "--backend"),
+        (global.vlm_model.is_some(), "--vlm-model", "--model"),
+        (global.vlm_base_url.is_some(), "--vlm-base-url", "--port"),
+        (global.vlm_timeout.is_some(), "--vlm-timeout", "--delay"),
+        (
+            global.vlm_connect_timeout.is_some(),
+            "--vlm-connect-timeout",
+            "--start-after",
+        ),
+        (
+            global.vlm_health_timeout.is_some(),
+            "--vlm-health-timeout",
+            "--start-after",
+        ),
+        (
+            global.vlm_max_retries.is_some(),
+            "--vlm-max-retries",
+            "--fault",
+        ),
+        (global.config.is_some(), "--config", "its own flags"),
+        (global.tool != "color_narrator", "--tool", "its own flags"),
+    ];
+    let ignored: Vec<String> = given
+        .iter()
+        .filter(|(on, _, _)| *on)
+        .map(|(_, flag, instead)| format!("{flag} (use {instead})"))
+        .collect();
+    if ignored.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::usage(format!(
+        "vlm emulate does not read the client's settings, so it would ignore {}; see vlm emulate --help",
+        ignored.join(", ")
+    )))
+}
+
 /// `vlm emulate`: serves until killed.
-pub async fn emulate(args: EmulateArgs) -> Result<Exit, Failure> {
+pub async fn emulate(global: &GlobalOpts, args: EmulateArgs) -> Result<Exit, Failure> {
+    refuse_ignored(global)?;
     crate::emulate::serve(crate::emulate::Serve {
+        faults: args.fault,
+        start_after: args.start_after,
+        delay: args.delay,
         backend: args.backend,
         port: args.port,
         model: args.model,

@@ -26,6 +26,12 @@ pub struct Serve {
     pub triton_model: Option<String>,
     /// `--capacity K --token-rate R`.
     pub capacity: Option<(usize, f64)>,
+    /// `--fault`, each as given.
+    pub faults: Vec<String>,
+    /// `--start-after`.
+    pub start_after: Option<String>,
+    /// `--delay`.
+    pub delay: Option<String>,
 }
 
 #[cfg(feature = "emulate")]
@@ -74,6 +80,23 @@ mod imp {
             }
             emulator_args.capacity = Some(vlm_testkit::Capacity::new(slots, rate));
         }
+        for fault in &args.faults {
+            emulator_args
+                .faults
+                .push(vlm_testkit::parse_fault(fault).map_err(Failure::usage)?);
+        }
+        let duration = |flag: &str, value: &Option<String>| {
+            value
+                .as_deref()
+                .map(|v| {
+                    vlm_testkit::parse_duration(v)
+                        .map_err(|e| Failure::usage(format!("{flag}: {e}")))
+                })
+                .transpose()
+                .map(Option::unwrap_or_default)
+        };
+        emulator_args.start_after = duration("--start-after", &args.start_after)?;
+        emulator_args.delay = duration("--delay", &args.delay)?;
         vlm_testkit::run_emulator(emulator_args)
             .await
             .map_err(|message| Failure {

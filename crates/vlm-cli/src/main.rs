@@ -461,7 +461,7 @@ fn main() -> ExitCode {
             Command::Health(args) => commands::health(&cli.global, args).await,
             Command::Backends(args) => commands::backends(&cli.global, args).await,
             Command::Config => commands::config(&cli.global),
-            Command::Emulate(args) => commands::emulate(args).await,
+            Command::Emulate(args) => commands::emulate(&cli.global, args).await,
         }
     });
     // Do not wait for stray tasks (a hung request after a second Ctrl-C).

@@ -27,6 +27,84 @@ pub struct EmulatorArgs {
     /// `--capacity K [--token-rate R]`: decode K requests together at R tokens/s each (default
     /// 50); the rest queue, and a queue of 4 K is a 503
     pub capacity: Option<crate::Capacity>,
+    /// `--fault F` (repeatable): faults for the next chat calls, in order, each with its count
+    pub faults: Vec<(crate::Fault, usize)>,
+    /// `--start-after D`: the port stays closed (connections refused) for D, as a server
+    /// loading its model
+    pub start_after: std::time::Duration,
+    /// `--delay D`: every chat answer waits D
+    pub delay: std::time::Duration,
+}
+
+/// Parses `--fault`: `503`, `503x2` (a status, optionally times N: 429 comes with
+/// `Retry-After: 1`, 502 as a proxy's HTML page, others in the server's JSON shape), or `hang`,
+/// `drop` (the body cut mid-way), `close` (closed before any byte), each optionally `xN`.
+pub fn parse_fault(value: &str) -> Result<(crate::Fault, usize), String> {
+    use crate::Fault;
+    let value = value.trim().to_ascii_lowercase();
+    let (what, times) = match value.rsplit_once('x') {
+        Some((what, n)) if !what.is_empty() && n.chars().all(|c| c.is_ascii_digit()) => {
+            (what, n.parse::<usize>().map_err(|e| e.to_string())?)
+        }
+        _ => (value.as_str(), 1),
+    };
+    let fault = match what {
+        "hang" => Fault::Hang,
+        "drop" => Fault::DropMidBody,
+        "close" => Fault::CloseWithoutResponse,
+        "429" => Fault::rate_limited(1),
+        "502" => Fault::html_bad_gateway(),
+        "503" => Fault::unavailable(),
+        status => match status.parse::<u16>() {
+            Ok(code @ 400..=599) => Fault::Status {
+                status: code,
+                content_type: "application/json".into(),
+                body: format!(
+                    r#"{{"error":{{"message":"emulated fault {code}","type":"EmulatedFault","param":null,"code":{code}}}}}"#
+                ),
+                headers: Vec::new(),
+            },
+            _ => {
+                return Err(format!(
+                    "invalid --fault {value:?}: expected a status 400-599 or hang, drop, close, \
+                     optionally times N (503x2)"
+                ));
+            }
+        },
+    };
+    if times == 0 {
+        return Err(format!(
+            "invalid --fault {value:?}: times 0 injects nothing"
+        ));
+    }
+    Ok((fault, times))
+}
+
+/// Parses a duration: `10s`, `500ms`, `2m`, or a number of seconds.
+pub fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
+    let v = value.trim();
+    let (number, unit) = match v.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => v.split_at(i),
+        None => (v, "s"),
+    };
+    let n: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid duration {value:?}: expected e.g. 10s, 500ms or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => {
+            return Err(format!(
+                "invalid duration {value:?}: the unit is ms, s or m"
+            ));
+        }
+    };
+    std::time::Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| *d <= std::time::Duration::from_secs(86_400))
+        .ok_or_else(|| format!("invalid duration {value:?}: expected 0 to 24 hours"))
 }
 
 impl EmulatorArgs {
@@ -41,6 +119,9 @@ impl EmulatorArgs {
             flavor: OpenAiFlavor::default(),
             triton_model: crate::TritonModel::default(),
             capacity: None,
+            faults: Vec::new(),
+            start_after: std::time::Duration::ZERO,
+            delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -50,6 +131,7 @@ pub const USAGE: &str =
     "usage: vlm-emulator --backend vllm|lmdeploy|triton|ollama|openai [--port P] [--model M] [--api-key K]
                     [--flavor sglang|llama-cpp|trtllm-serve] [--triton-model multimodal|vllm|text]
                     [--fast] [--capacity K [--token-rate R]]
+                    [--fault 503x2|429|502|hang|drop|close ...] [--start-after 10s] [--delay 2s]
 
 Serves an emulator of that server on 127.0.0.1 until killed (SIGINT/SIGTERM exit 0).
 Prints one line on stdout: the value to give --vlm-base-url. Logs go to stderr.
@@ -61,7 +143,11 @@ TensorRT-LLM multimodal ensemble (default), a model on Triton's vLLM backend, or
 recording it (for benchmarks: the server's cost stays out of the client's numbers).
 --capacity K makes it a loaded GPU: up to K chat requests decode together, each answer taking
 (its tokens) / R seconds (--token-rate, default 50 tokens/s per request); past K, requests queue
-(vllm:num_requests_waiting on GET /metrics) and latency grows; 4 K waiting is a 503.";
+(vllm:num_requests_waiting on GET /metrics) and latency grows; 4 K waiting is a 503.
+To rehearse failures: --fault (repeatable, in order) makes the next chat calls fail: a status
+(503x2 = twice; 429 with Retry-After: 1; 502 as a proxy's HTML page), hang, drop (the body cut
+mid-way) or close (closed before any byte); --start-after keeps the port closed for a while, as a
+server loading its model; --delay slows every chat answer.";
 
 /// Parses `--backend B [--port P] [--model M] [--api-key K]` (also `--flag=value`).
 pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
@@ -73,6 +159,8 @@ pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
     let mut flavor = OpenAiFlavor::default();
     let mut triton_model = crate::TritonModel::default();
     let (mut slots, mut token_rate) = (None, None);
+    let mut faults = Vec::new();
+    let (mut start_after, mut delay) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -115,6 +203,9 @@ pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
                         .ok_or_else(|| format!("invalid --capacity {v:?}: expected 1 to 100000"))?,
                 );
             }
+            "--fault" => faults.push(parse_fault(&value()?)?),
+            "--start-after" => start_after = parse_duration(&value()?)?,
+            "--delay" => delay = parse_duration(&value()?)?,
             "--token-rate" => {
                 let v = value()?;
                 token_rate = Some(
@@ -137,6 +228,9 @@ pub fn parse_emulator_args(args: &[String]) -> Result<EmulatorArgs, String> {
     };
     Ok(EmulatorArgs {
         capacity,
+        faults,
+        start_after,
+        delay,
         backend,
         port,
         model,
@@ -164,7 +258,16 @@ pub async fn run_emulator(args: EmulatorArgs) -> Result<(), String> {
     if let Some(capacity) = args.capacity {
         config = config.with_capacity(capacity);
     }
-    let emulator = Emulator::start(config).await.map_err(|e| e.to_string())?;
+    let emulator = if args.start_after.is_zero() {
+        Emulator::start(config).await
+    } else {
+        Emulator::start_after(config, args.start_after).await
+    }
+    .map_err(|e| e.to_string())?;
+    for (fault, times) in args.faults {
+        emulator.fail_next(times, fault);
+    }
+    emulator.set_delay(args.delay);
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", emulator.base_url()).map_err(|e| e.to_string())?;
     stdout.flush().map_err(|e| e.to_string())?;
@@ -267,6 +370,36 @@ mod tests {
         ] {
             assert!(parse_emulator_args(&args(bad)).is_err(), "{bad:?}");
         }
+        let rehearsal = parse_emulator_args(&args(&[
+            "--backend",
+            "vllm",
+            "--fault",
+            "503x2",
+            "--fault=hang",
+            "--start-after",
+            "1.5s",
+            "--delay=250ms",
+        ]))
+        .unwrap();
+        assert_eq!(
+            rehearsal.faults,
+            [(crate::Fault::unavailable(), 2), (crate::Fault::Hang, 1)]
+        );
+        assert_eq!(
+            rehearsal.start_after,
+            std::time::Duration::from_millis(1500)
+        );
+        assert_eq!(rehearsal.delay, std::time::Duration::from_millis(250));
+        for bad in ["200", "503x0", "teapot", "x2"] {
+            assert!(parse_fault(bad).is_err(), "{bad}");
+        }
+        for bad in ["10h", "-1s", "soon", "2d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_duration("2m"),
+            Ok(std::time::Duration::from_secs(120))
+        );
         assert!(
             parse_emulator_args(&args(&["--backend", "vllm", "--bogus"]))
                 .unwrap_err()

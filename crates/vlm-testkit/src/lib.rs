@@ -51,7 +51,7 @@ mod triton;
 
 pub use blackhole::Blackhole;
 pub use capacity::{Capacity, CapacityStats};
-pub use cli::{EmulatorArgs, parse_emulator_args, run_emulator};
+pub use cli::{EmulatorArgs, parse_duration, parse_emulator_args, parse_fault, run_emulator};
 pub use server::{
     Emulator, EmulatorConfig, EmulatorError, Fault, OpenAiFlavor, RecordedRequest, default_model,
 };

@@ -736,3 +736,64 @@ async fn photographs_of_types_no_server_takes_are_counted_by_type_in_the_summary
     );
     assert_eq!(e.chat_requests().len(), 5);
 }
+
+#[cfg(all(feature = "vllm", feature = "emulate"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vlm_emulate_rehearses_failures_and_refuses_options_it_would_ignore() {
+    let dir = workdir();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "emulate",
+        "--backend",
+        "vllm",
+        "--vlm-model",
+        "m",
+        "--vlm-base-url",
+        "http://x:1/v1",
+    ]);
+    let refused = run(cmd).await;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("--vlm-model (use --model), --vlm-base-url (use --port)"),
+        "{}",
+        stderr(&refused)
+    );
+
+    // Closed for a second, then two 503s: narrate rides both out.
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "emulate",
+        "--backend",
+        "vllm",
+        "--start-after",
+        "1s",
+        "--fault",
+        "503x2",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let mut url = String::new();
+    let stdout = child.stdout.take().unwrap();
+    let url = tokio::task::spawn_blocking(move || {
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut url).unwrap();
+        url.trim().to_owned()
+    })
+    .await
+    .unwrap();
+    let out = run(crate::narrate_in(
+        &dir,
+        &url,
+        &["--wait", "10", "--concurrency", "1"],
+    ))
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("waiting up to 10 s") && err.contains("HTTP 503"),
+        "{err}"
+    );
+    assert_eq!(records(&String::from_utf8(out.stdout).unwrap()).len(), 5);
+}
