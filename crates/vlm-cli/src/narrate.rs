@@ -30,11 +30,13 @@ and how strong it is. Answer in two or three sentences.";
 pub const AFTER_HELP: &str =
     "Output: one JSON object per image, one line each, written whole and flushed as that image
 finishes (in completion order), to --output or else stdout; everything else goes to stderr.
-Keys: path, sha256, backend, model, text, finish_reason, usage, latency_ms, error
-(error is null on success; on error text, finish_reason and usage are null).
+Keys: path, sha256, request_sha256, backend, model, text, finish_reason, usage, latency_ms,
+error, json (error is null on success; on error text, finish_reason and usage are null).
+request_sha256 fingerprints what was asked (prompt, model, max_tokens, temperature, JSON schema,
+image size).
 
-Resume: --resume skips images whose last record is a success for the same path and sha256,
-redoes the rest, and cuts a torn last line. An answer cut off by max_tokens (finish_reason
+Resume: --resume skips images whose last record is a success for the same path, sha256 and
+request_sha256 (asked the same way; it says how many were asked differently), redoes the rest, and cuts a torn last line. An answer cut off by max_tokens (finish_reason
 \"length\") is a success, counted apart in the summary; --resume --redo-truncated redoes those too. An existing non-empty --output is refused without
 --resume or --overwrite. The output is locked while a run writes it: a second run on the same
 --output is refused (exit 2). A record that cannot be written (disk full) stops the run with
@@ -142,6 +144,8 @@ struct Job {
     max_image_edge: Option<u32>,
     /// Read buffers reused from image to image (no fresh pages per image).
     reads: Arc<vlm_core::support::BufferPool>,
+    /// What this run asks, fingerprinted (the records' `request_sha256`).
+    request_sha256: Arc<str>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -175,7 +179,26 @@ impl Job {
             json_retries: settings.json_retries,
             max_image_edge: settings.max_image_edge,
             reads: Arc::default(),
+            request_sha256: Arc::from(""),
         }
+    }
+
+    /// Fingerprints what this run asks (`request_sha256`): SHA-256 of the canonical JSON (keys
+    /// sorted) of the prompt, system prompt, model, max_tokens, temperature, JSON schema and
+    /// image-size setting.
+    fn fingerprint(&mut self) -> [u8; 32] {
+        let asked = serde_json::json!({
+            "prompt": &*self.prompt,
+            "system_prompt": null,
+            "model": self.client.model(),
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "json_schema": self.schema.as_ref().map(|s| &s.1),
+            "max_image_edge": self.max_image_edge,
+        });
+        let digest: [u8; 32] = Sha256::digest(asked.to_string().as_bytes()).into();
+        self.request_sha256 = Arc::from(hex(&digest));
+        digest
     }
 
     /// Reads, hashes and checks one image and builds its request, on the blocking pool: hashing
@@ -242,6 +265,7 @@ impl Job {
         Record {
             path: input.shown(),
             sha256,
+            request_sha256: self.request_sha256.to_string(),
             backend: self.client.backend().to_string(),
             model: shown_model(self.client.model().unwrap_or_default()),
             text: None,
@@ -274,6 +298,7 @@ impl Job {
             Ok((answer, json)) => Record {
                 path: input.shown(),
                 sha256: Some(sha256),
+                request_sha256: self.request_sha256.to_string(),
                 backend: self.client.backend().to_string(),
                 model: shown_model(&answer.model),
                 text: Some(answer.text),
@@ -533,9 +558,11 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
         None => (Sink::Stdout, Previous::default()),
     };
     previous.redo_truncated = args.redo_truncated;
-    warn_about_previous(&previous, &*client);
-    let mut job = Job::new(&client, &prompt, &settings, previous);
+    let mut job = Job::new(&client, &prompt, &settings, Previous::default());
     job.schema = schema.map(Arc::new);
+    previous.request = Some(job.fingerprint());
+    warn_about_previous(&previous, &*client);
+    job.previous = Arc::new(previous);
     if args.stream {
         let sink = args.output.is_some().then_some(sink);
         return stream_one(&job, inputs.into_iter().collect(), sink).await;
@@ -552,6 +579,15 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
 
 /// Says what resuming found in the existing output.
 fn warn_about_previous(previous: &Previous, client: &dyn VlmClient) {
+    let changed = previous.changed();
+    if changed > 0 {
+        tracing::warn!(
+            "{changed} image(s) in the output were narrated with a different request (prompt, \
+             model, max_tokens, temperature, JSON schema or image size): they are narrated again \
+             and the file will hold answers to both; use --overwrite or a new --output to keep \
+             the runs apart"
+        );
+    }
     let truncated = previous.truncated();
     if truncated > 0 {
         if previous.redo_truncated {
@@ -1115,6 +1151,7 @@ mod tests {
             json_retries: 0,
             max_image_edge: None,
             reads: Arc::default(),
+            request_sha256: Arc::from(""),
         };
         // One async thread: if preparing ran on it, the ticker would stall for as long.
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -31,6 +31,9 @@ pub struct Record {
     pub path: String,
     /// 64 lowercase hex digits of the image file's bytes; null if unreadable.
     pub sha256: Option<String>,
+    /// 64 lowercase hex digits fingerprinting what was asked: prompt, system prompt, model,
+    /// max_tokens, temperature, JSON schema and image-size setting.
+    pub request_sha256: String,
     /// The backend.
     pub backend: String,
     /// The model.
@@ -125,14 +128,25 @@ pub fn normalise(path: &str) -> String {
     }
 }
 
+/// A successful previous record, as resume needs it.
+#[derive(Debug, Clone, Copy)]
+struct Done {
+    sha256: [u8; 32],
+    /// Cut off by max_tokens (`finish_reason: "length"`).
+    truncated: bool,
+    request: Option<[u8; 32]>,
+}
+
 /// What an existing output already holds.
 #[derive(Debug, Default)]
 pub struct Previous {
-    /// Normalised path → the sha256 of its last record when that record is a success, and
-    /// whether its answer was cut off by max_tokens (`finish_reason: "length"`).
-    done: HashMap<String, Option<([u8; 32], bool)>>,
+    /// Normalised path → its last record when that record is a success.
+    done: HashMap<String, Option<Done>>,
     /// `--redo-truncated`: an answer cut off by max_tokens does not count as done.
     pub redo_truncated: bool,
+    /// The fingerprint of what this run asks (`request_sha256`): a success asked differently
+    /// does not count as done. Records without one (older versions) count as asked the same.
+    pub request: Option<[u8; 32]>,
     /// The backend/model pairs seen.
     pub runs: BTreeSet<(String, String)>,
     /// Lines that were not records (reported, left in place).
@@ -160,6 +174,8 @@ struct Seen<'a> {
     error: Option<IgnoredAny>,
     #[serde(default, borrow)]
     finish_reason: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    request_sha256: Option<std::borrow::Cow<'a, str>>,
 }
 
 fn sha_bytes(hex: &str) -> Option<[u8; 32]> {
@@ -203,19 +219,33 @@ impl Resumable for Previous {
 impl Previous {
     /// Whether `path` with these bytes already has a successful record.
     /// Under `--redo-truncated`, an answer cut off by max_tokens is not done.
+    /// A success asked differently (another `request_sha256`) is not done.
     pub fn is_done(&self, path: &str, sha256: &str) -> bool {
         matches!(
             (self.done.get(&normalise(path)), sha_bytes(sha256)),
-            (Some(Some((seen, truncated))), Some(now))
-                if *seen == now && !(*truncated && self.redo_truncated)
+            (Some(Some(done)), Some(now))
+                if done.sha256 == now
+                    && !(done.truncated && self.redo_truncated)
+                    && !self.asked_differently(done)
         )
+    }
+
+    fn asked_differently(&self, done: &Done) -> bool {
+        matches!((done.request, self.request), (Some(then), Some(now)) if then != now)
     }
 
     /// How many images' last record is a success cut off by max_tokens.
     pub fn truncated(&self) -> usize {
+        self.done.values().flatten().filter(|d| d.truncated).count()
+    }
+
+    /// How many images' last record is a success asked differently (another prompt, model or
+    /// setting) from this run.
+    pub fn changed(&self) -> usize {
         self.done
             .values()
-            .filter(|d| matches!(d, Some((_, true))))
+            .flatten()
+            .filter(|d| self.asked_differently(d))
             .count()
     }
 
@@ -234,11 +264,16 @@ impl Previous {
             self.runs.insert(run);
         }
         let truncated = seen.finish_reason.as_deref() == Some("length");
+        let request = seen.request_sha256.as_deref().and_then(sha_bytes);
         let sha = if success {
             seen.sha256
                 .as_deref()
                 .and_then(sha_bytes)
-                .map(|sha| (sha, truncated))
+                .map(|sha256| Done {
+                    sha256,
+                    truncated,
+                    request,
+                })
         } else {
             None
         };
@@ -429,6 +464,7 @@ mod tests {
         Record {
             path: path.into(),
             sha256: Some(sha.into()),
+            request_sha256: SHA_C.into(),
             backend: "vllm".into(),
             model: "m".into(),
             text: error.is_none().then(|| "ok".into()),
@@ -456,6 +492,7 @@ mod tests {
         let mut want = [
             "path",
             "sha256",
+            "request_sha256",
             "backend",
             "model",
             "text",
@@ -468,7 +505,7 @@ mod tests {
         want.sort_unstable();
         assert_eq!(keys, want);
         assert!(
-            line.starts_with(r#"{"path":"a.jpg","sha256":"ab","backend":"vllm""#),
+            line.starts_with(r#"{"path":"a.jpg","sha256":"ab","request_sha256":"#),
             "{line}"
         );
         assert!(line.ends_with("\"error\":null,\"json\":null}\n"));

@@ -548,8 +548,13 @@ async fn resuming_with_another_backend_or_model_is_warned_about() {
         ),
         "{err}"
     );
-    // The image done by the other backend is not redone: same path, same bytes, a success.
-    assert_eq!(lmdeploy.chat_requests().len(), 4);
+    // The image done by the other model was asked differently (the model is part of the
+    // request's fingerprint): it is narrated again, and the run says so.
+    assert!(
+        err.contains("1 image(s) in the output were narrated with a different request"),
+        "{err}"
+    );
+    assert_eq!(lmdeploy.chat_requests().len(), 5);
 }
 
 #[cfg(feature = "vllm")]
@@ -688,30 +693,40 @@ async fn answers_cut_off_by_max_tokens_are_counted_and_redo_truncated_redoes_the
         "{}",
         stderr(&out)
     );
-    // A plain resume keeps them (they are answers), and says how to redo them.
-    let out = run(narrate(&["--resume"])).await;
+    // A plain resume of the same request keeps them (they are answers), and says how to redo
+    // them.
+    let out = run(narrate(&["--resume", "--max-tokens", "3"])).await;
     assert!(
         stderr(&out).contains("0 of 5 image(s)")
             && stderr(&out).contains("--redo-truncated redoes them"),
         "{}",
         stderr(&out)
     );
-    let out = run(narrate(&["--resume", "--redo-truncated"])).await;
+    let out = run(narrate(&[
+        "--resume",
+        "--redo-truncated",
+        "--max-tokens",
+        "3",
+    ]))
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("narrated 5 of 5 image(s)")
+            && stderr(&out).contains("--redo-truncated: redoing 5 answer(s)"),
+        "{}",
+        stderr(&out)
+    );
+    // A larger max_tokens is another request: redone without --redo-truncated, and whole.
+    let out = run(narrate(&["--resume"])).await;
     assert!(
         stderr(&out).contains("narrated 5 of 5 image(s)"),
         "{}",
         stderr(&out)
     );
-    assert!(
-        !stderr(&out).contains("cut off by max_tokens (finish"),
-        "{}",
-        stderr(&out)
-    );
     let text = std::fs::read_to_string(dir.join("out.jsonl")).unwrap();
-    let last: Vec<_> = records(&text).into_iter().skip(5).collect();
+    let last: Vec<_> = records(&text).into_iter().skip(10).collect();
     assert!(
-        last.iter().all(|r| r["finish_reason"] == "stop"),
+        last.len() == 5 && last.iter().all(|r| r["finish_reason"] == "stop"),
         "{last:?}"
     );
 }
@@ -796,4 +811,61 @@ async fn vlm_emulate_rehearses_failures_and_refuses_options_it_would_ignore() {
         "{err}"
     );
     assert_eq!(records(&String::from_utf8(out.stdout).unwrap()).len(), 5);
+}
+
+#[cfg(feature = "vllm")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_redoes_what_was_asked_differently_and_says_so() {
+    let e = crate::vllm_emulator().await;
+    let dir = workdir();
+    let narrate = |extra: &[&str]| {
+        let mut args = vec!["-o", "out.jsonl"];
+        args.extend_from_slice(extra);
+        crate::narrate_in(&dir, &e.base_url(), &args)
+    };
+    let out = run(narrate(&[])).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let first = records(&std::fs::read_to_string(dir.join("out.jsonl")).unwrap());
+    let fingerprint = first[0]["request_sha256"].as_str().unwrap().to_owned();
+    assert_eq!(fingerprint.len(), 64);
+    assert!(
+        first
+            .iter()
+            .all(|r| r["request_sha256"] == fingerprint.as_str())
+    );
+
+    // Another prompt: nothing is passed over as done, and the run says why.
+    let out = run(narrate(&["--resume", "--prompt", "List the subjects"])).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("narrated 5 of 5 image(s)"), "{err}");
+    assert!(
+        err.contains("5 image(s) in the output were narrated with a different request")
+            && err.contains("--overwrite or a new --output"),
+        "{err}"
+    );
+    let all = records(&std::fs::read_to_string(dir.join("out.jsonl")).unwrap());
+    assert_eq!(all.len(), 10);
+    assert_ne!(all[9]["request_sha256"], fingerprint.as_str());
+    // Asked the same way again: all done.
+    let out = run(narrate(&["--resume", "--prompt", "List the subjects"])).await;
+    assert!(
+        stderr(&out).contains("narrated 0 of 5 image(s): 0 failed, 5 skipped"),
+        "{}",
+        stderr(&out)
+    );
+    // Another max_tokens is another request too.
+    let out = run(narrate(&[
+        "--resume",
+        "--prompt",
+        "List the subjects",
+        "--max-tokens",
+        "50",
+    ]))
+    .await;
+    assert!(
+        stderr(&out).contains("narrated 5 of 5 image(s)"),
+        "{}",
+        stderr(&out)
+    );
 }
