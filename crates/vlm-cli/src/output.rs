@@ -147,6 +147,9 @@ pub struct Previous {
     /// The fingerprint of what this run asks (`request_sha256`): a success asked differently
     /// does not count as done. Records without one (older versions) count as asked the same.
     pub request: Option<[u8; 32]>,
+    /// The previous successes by file identity (device, inode), built at the first path that
+    /// does not match as spelled: `/home/me/photos/a.jpg` then `photos/a.jpg` is one file.
+    by_identity: std::sync::OnceLock<HashMap<(u64, u64), String>>,
     /// The backend/model pairs seen.
     pub runs: BTreeSet<(String, String)>,
     /// Lines that were not records (reported, left in place).
@@ -220,14 +223,43 @@ impl Previous {
     /// Whether `path` with these bytes already has a successful record.
     /// Under `--redo-truncated`, an answer cut off by max_tokens is not done.
     /// A success asked differently (another `request_sha256`) is not done.
+    /// A path spelled differently from the record's (absolute vs relative, `./`) matches by the
+    /// file's identity.
     pub fn is_done(&self, path: &str, sha256: &str) -> bool {
+        let key = normalise(path);
+        let last = match self.done.get(&key) {
+            Some(last) => Some(last),
+            None => self.same_file(path).and_then(|k| self.done.get(k)),
+        };
         matches!(
-            (self.done.get(&normalise(path)), sha_bytes(sha256)),
+            (last, sha_bytes(sha256)),
             (Some(Some(done)), Some(now))
                 if done.sha256 == now
                     && !(done.truncated && self.redo_truncated)
                     && !self.asked_differently(done)
         )
+    }
+
+    /// The key of a previous success that is the same file as `path`, by device and inode.
+    fn same_file(&self, path: &str) -> Option<&String> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            let identity = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+            let known = self.by_identity.get_or_init(|| {
+                self.done
+                    .iter()
+                    .filter(|(_, done)| done.is_some())
+                    .filter_map(|(key, _)| Some((identity(key)?, key.clone())))
+                    .collect()
+            });
+            known.get(&identity(path)?)
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = path;
+            None
+        }
     }
 
     fn asked_differently(&self, done: &Done) -> bool {

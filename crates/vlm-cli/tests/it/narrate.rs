@@ -869,3 +869,35 @@ async fn resume_redoes_what_was_asked_differently_and_says_so() {
         stderr(&out)
     );
 }
+
+#[cfg(feature = "vllm")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_matches_a_file_however_its_path_is_spelled() {
+    let e = crate::vllm_emulator().await;
+    let dir = workdir();
+    let absolute = dir.join("images").canonicalize().unwrap();
+    let mut cmd = vlm(&dir);
+    cmd.arg("narrate")
+        .arg(&absolute)
+        .args(["--vlm-base-url", &e.base_url(), "-o", "out.jsonl"]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // The same folder, spelled relative to the working directory.
+    let out = run(crate::narrate_in(
+        &dir,
+        &e.base_url(),
+        &["-o", "out.jsonl", "--resume"],
+    ))
+    .await;
+    assert!(
+        stderr(&out).contains("narrated 0 of 5 image(s): 0 failed, 5 skipped"),
+        "{}",
+        stderr(&out)
+    );
+    let all = records(&std::fs::read_to_string(dir.join("out.jsonl")).unwrap());
+    assert_eq!(all.len(), 5, "one record per image");
+    assert!(
+        all[0]["path"].as_str().unwrap().starts_with('/'),
+        "the path as given is kept"
+    );
+}
