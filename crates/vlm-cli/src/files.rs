@@ -7,13 +7,24 @@ use crate::shard::Shard;
 /// The extensions a folder walk picks up, matched case-insensitively.
 pub const EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "gif"];
 
+/// TIFFs: walked and converted to JPEG (or PNG) before sending where the `resize` feature can
+/// (on by default); otherwise passed over and counted.
+pub const CONVERTED: [&str; 2] = ["tif", "tiff"];
+
+/// Whether this build converts TIFFs.
+const CONVERTS_TIFF: bool = cfg!(feature = "resize");
+
 /// Photograph types a folder walk finds but does not send (no server takes them): counted in
 /// the summary, never silently skipped. Sidecars and other files (`.xmp`, `.txt`) are not
-/// photographs and are not counted.
-pub const PASSED_OVER: [&str; 17] = [
-    "tif", "tiff", "heic", "heif", "avif", "jxl", "bmp", "psd", "dng", "cr2", "cr3", "nef", "arw",
-    "raf", "orf", "rw2", "pef",
+/// photographs and are not counted. TIFFs too when they cannot be converted.
+pub const PASSED_OVER: [&str; 15] = [
+    "heic", "heif", "avif", "jxl", "bmp", "psd", "dng", "cr2", "cr3", "nef", "arw", "raf", "orf",
+    "rw2", "pef",
 ];
+
+fn passed_over(ext: &str) -> bool {
+    PASSED_OVER.contains(&ext) || (!CONVERTS_TIFF && CONVERTED.contains(&ext))
+}
 
 /// The summary's words for what a walk passed over: `3 skipped: 1 .cr2, 1 .heic, 1 .tif`.
 pub fn passed_over_summary(
@@ -121,9 +132,10 @@ impl IntoIterator for Inputs {
 }
 
 fn has_image_extension(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+        EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e))
+            || (CONVERTS_TIFF && CONVERTED.iter().any(|x| x.eq_ignore_ascii_case(e)))
+    })
 }
 
 /// The files already listed, by identity (device and inode), so that one file named several
@@ -229,7 +241,7 @@ fn walk(root: &Path, dir: &Path, found: &mut Inputs, seen: &mut Seen, warnings: 
             .extension()
             .and_then(|e| e.to_str())
             .map(str::to_ascii_lowercase)
-            .filter(|e| PASSED_OVER.contains(&e.as_str()))
+            .filter(|e| passed_over(e))
         {
             *found.passed_over.entry(ext).or_default() += 1;
         }
@@ -265,11 +277,16 @@ mod tests {
             &[dir.clone(), dir.join("notes.txt"), dir.join("missing.jpg")],
             None,
         );
-        assert_eq!(
-            passed_over_summary(&inputs.passed_over).unwrap(),
-            "4 photograph(s) of types no server takes skipped: 1 .cr2, 1 .heic, 1 .tif, 1 .tiff — \
-             not sent; convert them to JPEG or PNG (see docs/cli.md, Image types)"
-        );
+        let summary = passed_over_summary(&inputs.passed_over).unwrap();
+        if CONVERTS_TIFF {
+            assert_eq!(
+                summary,
+                "2 photograph(s) of types no server takes skipped: 1 .cr2, 1 .heic — not sent; \
+                 convert them to JPEG or PNG (see docs/cli.md, Image types)"
+            );
+        } else {
+            assert!(summary.starts_with("4 photograph(s)"), "{summary}");
+        }
         let names: Vec<String> = inputs
             .into_iter()
             .map(|i| {
@@ -278,6 +295,15 @@ mod tests {
                     .to_owned()
             })
             .collect();
+        // TIFFs are walked where they can be converted, in their place in the order.
+        let tiffs: Vec<&String> = names.iter().filter(|n| n.contains("scan")).collect();
+        let expected_tiffs: &[&str] = if CONVERTS_TIFF {
+            &["/scan.tif", "/sub/scan2.TIFF"]
+        } else {
+            &[]
+        };
+        assert_eq!(tiffs, expected_tiffs);
+        let names: Vec<&String> = names.iter().filter(|n| !n.contains("scan")).collect();
         assert_eq!(
             names,
             [

@@ -360,6 +360,13 @@ fn read_and_hash(
         return Err(over(bytes.len() as u64)); // it grew since the size was checked
     }
     let sha256 = hex(&Sha256::digest(&bytes));
+    // A TIFF is converted (the `resize` feature): the sha256 stays the file's.
+    if bytes.starts_with(b"II*\0") || bytes.starts_with(b"MM\0*") {
+        return match vlm_core::convert_tiff(&bytes) {
+            Ok((converted, mime)) => Ok((sha256, converted.into(), mime)),
+            Err(why) => Err((Some(sha256), format!("image {shown}: {why}"))),
+        };
+    }
     // Sniffed here so the error names the file, not "<N bytes in memory>".
     let Some(mime) = ImageMime::detect(&bytes) else {
         let found = describe_non_image(&bytes);

@@ -76,7 +76,7 @@ pub use image::{ImageInput, ImageMime, LoadedImage, describe_non_image, encode_d
 pub use key::ApiKey;
 pub use replicas::{Admission, EndpointStats, ReplicaOptions, Replicas};
 pub use request::{RESERVED_FIELDS, ResponseFormat, VlmRequest, VlmRequestBuilder};
-pub use resize::{RESIZE_MISSING, shrink_image};
+pub use resize::{RESIZE_MISSING, convert_tiff, shrink_image};
 pub use response::{Usage, VlmResponse};
 pub use stream::{StreamEvent, VlmStream};
 

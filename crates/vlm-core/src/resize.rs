@@ -44,6 +44,43 @@ pub fn shrink_image(bytes: &[u8], max_edge: u32) -> Result<Option<(Vec<u8>, Imag
     Ok(Some((out.into_inner(), mime)))
 }
 
+/// A TIFF (scans, exports from raw converters) as an image the servers take: JPEG at quality 90,
+/// or PNG when it has alpha; 16-bit samples become 8-bit. Callers keep the original's SHA-256.
+///
+/// ```
+/// # #[cfg(feature = "resize")] {
+/// let mut tiff = std::io::Cursor::new(Vec::new());
+/// image::RgbImage::new(40, 30).write_to(&mut tiff, image::ImageFormat::Tiff).unwrap();
+/// let (jpeg, mime) = vlm_core::convert_tiff(tiff.get_ref()).unwrap();
+/// assert_eq!((mime, &jpeg[..2]), (vlm_core::ImageMime::Jpeg, &[0xFF, 0xD8][..]));
+/// # }
+/// ```
+#[cfg(feature = "resize")]
+pub fn convert_tiff(bytes: &[u8]) -> Result<(Vec<u8>, ImageMime), String> {
+    let image = image::load_from_memory_with_format(bytes, image::ImageFormat::Tiff)
+        .map_err(|e| format!("cannot decode this TIFF to convert it: {e}"))?;
+    let mut out = std::io::Cursor::new(Vec::new());
+    let mime = if image.color().has_alpha() {
+        image
+            .to_rgba8()
+            .write_to(&mut out, image::ImageFormat::Png)
+            .map_err(|e| format!("cannot encode the converted TIFF: {e}"))?;
+        ImageMime::Png
+    } else {
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, JPEG_QUALITY)
+            .encode_image(&image.to_rgb8())
+            .map_err(|e| format!("cannot encode the converted TIFF: {e}"))?;
+        ImageMime::Jpeg
+    };
+    Ok((out.into_inner(), mime))
+}
+
+/// Without the `resize` feature a TIFF cannot be converted: an error saying how to get it.
+#[cfg(not(feature = "resize"))]
+pub fn convert_tiff(_bytes: &[u8]) -> Result<(Vec<u8>, ImageMime), String> {
+    Err(RESIZE_MISSING.to_owned())
+}
+
 /// Without the `resize` feature nothing can be shrunk: an error saying how to get it.
 #[cfg(not(feature = "resize"))]
 pub fn shrink_image(_bytes: &[u8], _max_edge: u32) -> Result<Option<(Vec<u8>, ImageMime)>, String> {

@@ -736,7 +736,7 @@ async fn answers_cut_off_by_max_tokens_are_counted_and_redo_truncated_redoes_the
 async fn photographs_of_types_no_server_takes_are_counted_by_type_in_the_summary() {
     let e = crate::vllm_emulator().await;
     let dir = workdir();
-    for name in ["raw.CR2", "scan.tif", "phone.heic", "notes.xmp"] {
+    for name in ["raw.CR2", "art.psd", "phone.heic", "notes.xmp"] {
         std::fs::write(dir.join("images").join(name), b"not sent").unwrap();
     }
     let cmd = crate::narrate_in(&dir, &e.base_url(), &[]);
@@ -744,7 +744,7 @@ async fn photographs_of_types_no_server_takes_are_counted_by_type_in_the_summary
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
         stderr(&out).contains(
-            "3 photograph(s) of types no server takes skipped: 1 .cr2, 1 .heic, 1 .tif — not sent"
+            "3 photograph(s) of types no server takes skipped: 1 .cr2, 1 .heic, 1 .psd — not sent"
         ),
         "{}",
         stderr(&out)
@@ -899,5 +899,33 @@ async fn resume_matches_a_file_however_its_path_is_spelled() {
     assert!(
         all[0]["path"].as_str().unwrap().starts_with('/'),
         "the path as given is kept"
+    );
+}
+
+#[cfg(all(feature = "vllm", feature = "resize"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiff_is_converted_and_its_record_keeps_the_files_sha256() {
+    let e = crate::vllm_emulator().await;
+    let dir = workdir();
+    let tiff = dir.join("images/scan.TIF");
+    image::RgbImage::from_fn(64, 48, |x, _| image::Rgb([200, 180, (x * 2) as u8]))
+        .save_with_format(&tiff, image::ImageFormat::Tiff)
+        .unwrap();
+    let out = run(crate::narrate_in(&dir, &e.base_url(), &[])).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let all = records(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(all.len(), 6, "the five samples and the TIFF");
+    let scan = all.iter().find(|r| r["path"] == "images/scan.TIF").unwrap();
+    assert!(scan["error"].is_null(), "{scan}");
+    // The record's sha256 is the TIFF's; the server got a JPEG.
+    let sum = std::process::Command::new("sha256sum")
+        .arg(&tiff)
+        .output()
+        .unwrap();
+    let expected = String::from_utf8(sum.stdout).unwrap()[..64].to_owned();
+    assert_eq!(scan["sha256"], expected.as_str());
+    assert!(
+        scan["text"].as_str().unwrap().contains("64x48 JPEG"),
+        "{scan}"
     );
 }
