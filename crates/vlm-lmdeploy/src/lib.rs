@@ -152,3 +152,8 @@ mod tests {
         }
     }
 }
+
+/// The README's example, compiled as a doctest so that it cannot drift.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -205,3 +205,8 @@ mod tests {
         assert!(Ollama.check_image_type(ImageMime::Webp).is_ok());
     }
 }
+
+/// The README's example, compiled as a doctest so that it cannot drift.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

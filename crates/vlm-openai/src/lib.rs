@@ -84,3 +84,8 @@ impl OpenAiServer for OpenAi {
         }
     }
 }
+
+/// The README's example, compiled as a doctest so that it cannot drift.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -108,3 +108,8 @@ impl OpenAiServer for Vllm {
         None
     }
 }
+
+/// The README's example, compiled as a doctest so that it cannot drift.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
