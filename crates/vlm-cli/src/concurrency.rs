@@ -48,6 +48,34 @@ impl Concurrency {
     }
 }
 
+/// How `narrate` and `run` send: `--concurrency` and `--wait`, one definition for both.
+#[derive(Debug, clap::Args)]
+pub struct Sending {
+    /// Requests in flight at once (1-1024), or auto: start at 2 per endpoint and adapt to what
+    /// each server sustains (growing while it keeps up, backing off on queueing, 429, 503 and
+    /// timeouts; vLLM's published queue is kept short)
+    #[arg(long, default_value = "4", value_name = "N|auto", value_parser = parse)]
+    pub concurrency: Concurrency,
+    /// Wait up to this many seconds for a server that is still starting before the run; during
+    /// the run, how long requests wait for a server that went away (default 60) before the run
+    /// stops with exit 3
+    #[arg(long, value_name = "SECONDS", value_parser = crate::parse_seconds)]
+    pub wait: Option<std::time::Duration>,
+}
+
+impl Sending {
+    /// How long requests wait for a server that went away: `--wait`, else 60 s.
+    pub fn outage_wait(&self) -> std::time::Duration {
+        self.wait.unwrap_or(crate::OUTAGE_WAIT)
+    }
+
+    /// The replica options these flags and the settings imply.
+    pub fn options(&self, settings: &vlm_factory::VlmSettings) -> ReplicaOptions {
+        self.concurrency
+            .options(vlm_factory::replica_options(settings).outage_wait(self.outage_wait()))
+    }
+}
+
 impl std::fmt::Display for Concurrency {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

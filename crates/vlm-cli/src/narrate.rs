@@ -72,11 +72,8 @@ pub struct NarrateArgs {
     /// prompt goes, e.g. "<|image|>{prompt}" [setting: vlm_prompt_template]
     #[arg(long, value_name = "TEMPLATE")]
     prompt_template: Option<String>,
-    /// Requests in flight at once (1-1024), or auto: start at 2 per endpoint and adapt to what
-    /// each server sustains (growing while it keeps up, backing off on queueing, 429, 503 and
-    /// timeouts; vLLM's published queue is kept short)
-    #[arg(long, default_value = "4", value_name = "N|auto", value_parser = crate::concurrency::parse)]
-    concurrency: crate::concurrency::Concurrency,
+    #[command(flatten)]
+    sending: crate::concurrency::Sending,
     /// Narrate only shard I of N (I/N, 0 <= I < N): the images whose path, relative to the
     /// folder given, hashes into it, the same on every machine; auto reads a Kubernetes Indexed
     /// Job (JOB_COMPLETION_INDEX of VLM_SHARD_COUNT) or a Slurm array (SLURM_ARRAY_TASK_*)
@@ -95,11 +92,6 @@ pub struct NarrateArgs {
     /// (finish_reason "length")
     #[arg(long, requires = "resume")]
     redo_truncated: bool,
-    /// Wait up to this many seconds for a server that is still starting before the run; during
-    /// the run, how long requests wait for a server that went away (default 60) before the run
-    /// stops with exit 3
-    #[arg(long, value_name = "SECONDS", value_parser = crate::parse_seconds)]
-    wait: Option<Duration>,
     /// Print the answer's text to stdout as it is generated (exactly one image; the record goes
     /// to --output if given)
     #[arg(long)]
@@ -527,15 +519,17 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     } else {
         None
     };
-    let (settings, _detected) = crate::resolve_backend(settings, args.wait).await?;
+    let (settings, _detected) = crate::resolve_backend(settings, args.sending.wait).await?;
 
     if let Some(path) = &args.output {
         crate::output::refuse_existing(path, args.resume, args.overwrite)?;
     }
-    let options = vlm_factory::replica_options(&settings)
-        .outage_wait(args.wait.unwrap_or(crate::OUTAGE_WAIT));
-    let replicas =
-        crate::ready_client(&settings, args.wait, args.concurrency.options(options)).await?;
+    let replicas = crate::ready_client(
+        &settings,
+        args.sending.wait,
+        args.sending.options(&settings),
+    )
+    .await?;
     let client: Arc<dyn VlmClient> = Arc::new(replicas.clone());
 
     let (inputs, warnings) = discover(&args.paths, shard);
@@ -577,8 +571,8 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
     let run = Run {
         passed_over,
         replicas,
-        concurrency: args.concurrency,
-        outage_wait: args.wait.unwrap_or(crate::OUTAGE_WAIT),
+        concurrency: args.sending.concurrency,
+        outage_wait: args.sending.outage_wait(),
         quiet: global.quiet,
     };
     narrate_all(Arc::new(job), inputs, sink, run).await

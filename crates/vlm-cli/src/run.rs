@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
 use serde_json::{Value, json};
@@ -32,14 +32,8 @@ pub struct RunArgs {
     /// Replace an existing --output
     #[arg(long, requires = "output")]
     overwrite: bool,
-    /// Requests in flight at once (1-1024), or auto: adapted to what each server sustains
-    #[arg(long, default_value = "4", value_name = "N|auto", value_parser = crate::concurrency::parse)]
-    concurrency: crate::concurrency::Concurrency,
-    /// Wait up to this many seconds for a server that is still starting before the run; during
-    /// the run, how long requests wait for a server that went away (default 60) before the run
-    /// stops with exit 3
-    #[arg(long, value_name = "SECONDS", value_parser = crate::parse_seconds)]
-    wait: Option<Duration>,
+    #[command(flatten)]
+    sending: crate::concurrency::Sending,
 }
 
 /// The custom_ids a previous output already answered (status 200, no error).
@@ -382,11 +376,14 @@ pub async fn run(global: &GlobalOpts, args: RunArgs) -> Result<Exit, Failure> {
     if let Some(path) = &args.output {
         crate::output::refuse_existing(path, args.resume, args.overwrite)?;
     }
-    let (settings, _) = global.load_resolved(&[], args.wait).await?;
-    let outage_wait = args.wait.unwrap_or(crate::OUTAGE_WAIT);
-    let options = vlm_factory::replica_options(&settings).outage_wait(outage_wait);
-    let replicas =
-        crate::ready_client(&settings, args.wait, args.concurrency.options(options)).await?;
+    let (settings, _) = global.load_resolved(&[], args.sending.wait).await?;
+    let outage_wait = args.sending.outage_wait();
+    let replicas = crate::ready_client(
+        &settings,
+        args.sending.wait,
+        args.sending.options(&settings),
+    )
+    .await?;
     let client: Arc<dyn VlmClient> = Arc::new(replicas.clone());
     let (mut sink, answered) = match &args.output {
         Some(path) => crate::output::open::<Answered>(path, args.resume, args.overwrite)?,
@@ -427,8 +424,8 @@ pub async fn run(global: &GlobalOpts, args: RunArgs) -> Result<Exit, Failure> {
             })
     };
     let retries = settings.json_retries;
-    let cap = args.concurrency.cap(replicas.clients().count());
-    let adaptive = args.concurrency == crate::concurrency::Concurrency::Auto;
+    let cap = args.sending.concurrency.cap(replicas.clients().count());
+    let adaptive = args.sending.concurrency == crate::concurrency::Concurrency::Auto;
     let results = vlm_core::batch::bounded(lines, cap, |line| {
         let (client, replicas) = (client.clone(), replicas.clone());
         async move {
