@@ -13,6 +13,7 @@
 //! - `demo`: narrates `assets/samples` through the real `vlm` CLI against the built-in emulator.
 
 mod bench;
+mod docs_check;
 mod samples;
 
 use std::process::{Command, ExitCode};
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
         Some("matrix") => matrix(),
         Some("publish-check") => publish_check(),
         Some("bench") => bench::run(args.iter().any(|a| a == "--quick")),
+        Some("docs-check") => docs_check::run(args.iter().any(|a| a == "--bless")),
         Some("samples") => samples::write_all(&workspace_root().join("assets/samples")),
         Some("demo") => cargo(
             &[
@@ -55,7 +57,9 @@ fn main() -> ExitCode {
             &[],
         ),
         Some("-h" | "--help" | "help") | None => {
-            eprintln!("usage: cargo xtask <ci | matrix | publish-check | bench | samples | demo>");
+            eprintln!(
+                "usage: cargo xtask <ci | matrix | publish-check | bench | docs-check | samples | demo>"
+            );
             eprintln!(
                 "  ci      fmt check, clippy -D warnings, tests, rustdoc -D warnings, feature matrix"
             );
@@ -65,6 +69,9 @@ fn main() -> ExitCode {
             eprintln!("  publish-check  package and verify every publishable crate on its own");
             eprintln!(
                 "  bench [--quick]  payload, end-to-end and memory benchmarks -> docs/performance.md"
+            );
+            eprintln!(
+                "  docs-check [--bless]  run every command in README.md and docs/ against the emulators"
             );
             eprintln!("  samples re-make assets/samples (deterministic sample images)");
             eprintln!(
@@ -134,6 +141,7 @@ fn ci() -> Result<(), String> {
         &["doc", "--workspace", "--all-features", "--no-deps"],
         &[("RUSTDOCFLAGS", "-D warnings")],
     )?;
+    docs_check::run(false)?;
     matrix()?;
     lean()?;
     deny()?;
