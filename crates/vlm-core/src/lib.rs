@@ -83,3 +83,8 @@ pub use stream::{StreamEvent, VlmStream};
 /// Re-exported so backends and users share one version.
 pub use async_trait::async_trait;
 pub use url::Url;
+
+/// The README's example, compiled as a doctest so that it cannot drift.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -312,7 +312,8 @@ impl Replicas {
                     Ok(r) => r.state.reason().unwrap_or("not ready").to_owned(),
                     Err(e) => e.to_string(),
                 };
-                Shared::eject(&self.shared, index, why);
+                // The report itself says why: no warning on top of it.
+                Shared::eject(&self.shared, index, why, false);
             }
         }
         reports
@@ -503,12 +504,13 @@ impl Shared {
         }
     }
 
-    /// Takes endpoint `index` out of the rotation and starts probing it.
-    fn eject(this: &Arc<Shared>, index: usize, why: String) {
+    /// Takes endpoint `index` out of the rotation and starts probing it; `announce` logs a
+    /// warning when it was in the rotation.
+    fn eject(this: &Arc<Shared>, index: usize, why: String, announce: bool) {
         let endpoint = &this.endpoints[index];
         let start_probe = {
             let mut s = lock(&endpoint.state);
-            if s.in_rotation {
+            if s.in_rotation && announce {
                 tracing::warn!(
                     "endpoint {} left the rotation: {}",
                     endpoint.client.base_url(),
@@ -582,7 +584,7 @@ impl Shared {
             }
         }
         if let Some(why) = eject {
-            Shared::eject(this, index, why);
+            Shared::eject(this, index, why, true);
         }
     }
 

@@ -84,7 +84,8 @@ impl OpenAiServer for LmDeploy {
     // LMDeploy requires `model`; an unknown one is a 404.
     const REQUIRES_MODEL: bool = true;
 
-    // Published only when the server runs with `--enable-metrics`; otherwise `/metrics` is a 404.
+    // Published by default since LMDeploy 0.11 (`--disable-metrics` turns it off; 0.9.2 to
+    // 0.10 needed `--enable-metrics`); without it `/metrics` is a 404. Refreshed every 10 s.
     fn queue_metric(&self) -> Option<&'static str> {
         Some("lmdeploy:num_requests_waiting")
     }

@@ -57,3 +57,8 @@ pub use server::{
 };
 pub use stall::StallMeter;
 pub use triton::TritonModel;
+
+/// The README's example, compiled as a doctest so that it cannot drift.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

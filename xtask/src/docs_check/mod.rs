@@ -15,7 +15,8 @@
 //! - Inline `vlm` commands of four words or more, without placeholders (`URL`, `<model>`), run
 //!   too and must not be usage errors.
 //! - `<!-- docs-check: file NAME -->` before a block writes it to NAME in the scratch folder;
-//!   `<!-- docs-check: skip REASON -->` leaves the next block unrun, with the reason reported.
+//!   `<!-- docs-check: skip REASON -->` leaves the next block unrun, with the reason reported;
+//!   `<!-- docs-check: any order -->` compares the next transcript's lines in any order.
 //!
 //! `--bless` writes the real output into `console` transcripts that differ.
 

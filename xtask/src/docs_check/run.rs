@@ -84,14 +84,22 @@ impl<'a> Page<'a> {
                     indent,
                 } => {
                     let place = format!("{}:{first_line}", self.name);
-                    match directive.take() {
+                    let mut directive = directive.take();
+                    // `any order`: the lines of the next transcript come in completion order.
+                    let unordered = directive.as_deref() == Some("any order");
+                    if unordered {
+                        directive = None;
+                    }
+                    match directive {
                         Some(d) if d.starts_with("file ") => {
                             self.write_file(&d[5..], lines, &place, report)
                         }
                         Some(d) if d.starts_with("skip ") => report.not_run(d[5..].trim()),
                         Some(d) => report.fail(
                             &place,
-                            format!("unknown directive `{d}` (file NAME or skip REASON)"),
+                            format!(
+                                "unknown directive `{d}` (file NAME, skip REASON or any order)"
+                            ),
                         ),
                         None => match lang.as_str() {
                             "sh" => self.sh_block(lines, *first_line, report),
@@ -101,6 +109,7 @@ impl<'a> Page<'a> {
                                     lines,
                                     first_line: *first_line,
                                     indent: *indent,
+                                    unordered,
                                 };
                                 self.console_block(&block, bless, report);
                             }
@@ -207,7 +216,12 @@ impl<'a> Page<'a> {
             };
             report.compared += 1;
             let expected = &block.lines[step.output.clone()];
-            if transcript::matches(expected, &actual) {
+            let same = if block.unordered {
+                transcript::matches_in_any_order(expected, &actual)
+            } else {
+                transcript::matches(expected, &actual)
+            };
+            if same {
                 continue;
             }
             if bless {
@@ -461,6 +475,8 @@ struct Block<'b> {
     lines: &'b [String],
     first_line: usize,
     indent: usize,
+    /// Compare the lines as a set (`<!-- docs-check: any order -->`).
+    unordered: bool,
 }
 
 /// One `$ command` of a console block and the range of its output lines.
@@ -506,6 +522,7 @@ fn classify(cmd: &Command) -> Kind {
         "jq" | "cat" | "echo" | "head" | "wc" | "cd" | "mkdir" | "python3" | "python" => Kind::Run,
         "kubectl" | "sbatch" => Kind::NotRun("a cluster scheduler's command (Kubernetes, Slurm)"),
         "docker" | "pip" | "huggingface-cli" => Kind::NotRun("installs or starts server software"),
+        "lms" if word(1) == "get" => Kind::NotRun("downloads a model (LM Studio)"),
         _ => Kind::Unknown,
     }
 }
@@ -550,6 +567,15 @@ fn has_unreachable_url(text: &str) -> bool {
 /// The backend a command talks to at `port`: `--vlm-backend`, `VLM_BACKEND`, else vllm; for
 /// `auto`, the server the docs start on that port.
 fn backend_of(cmd: &Command, port: Option<u16>, table: &ServerTable) -> String {
+    // `VLM_LMDEPLOY_BASE_URL=http://gpu-box:23333/v1 vlm ...`: that address is LMDeploy's.
+    let by_variable = cmd.env.iter().find_map(|(name, value)| {
+        let backend = name.strip_prefix("VLM_")?.strip_suffix("_BASE_URL")?;
+        let here = port.is_some_and(|p| value.contains(&format!(":{p}")));
+        (here && !backend.is_empty()).then(|| backend.to_ascii_lowercase())
+    });
+    if let Some(backend) = by_variable {
+        return backend;
+    }
     let named = cmd
         .option("--vlm-backend")
         .or(cmd.env_value("VLM_BACKEND"))

@@ -38,8 +38,10 @@ pub fn parse_start(cmd: &Command) -> Option<ServerStart> {
             .and_then(|p| p.parse().ok())
             .or(Some(default))
     };
-    let named =
-        |flag: &str, positional: Option<&str>| cmd.option(flag).or(positional).map(str::to_owned);
+    let named = |flag: &str, positional: Option<&str>| {
+        let positional = positional.filter(|p| !p.starts_with('-'));
+        cmd.option(flag).or(positional).map(str::to_owned)
+    };
     let start = match (word(0)?, word(1), word(2)) {
         ("vllm", Some("serve"), model) => ServerStart {
             kind: "vllm",
@@ -51,6 +53,13 @@ pub fn parse_start(cmd: &Command) -> Option<ServerStart> {
             port: port("--server-port", 23333),
             model: named("--model-name", word(3)),
         },
+        ("python" | "python3", Some(script), _) if script.ends_with("launch_triton_server.py") => {
+            ServerStart {
+                kind: "triton",
+                port: Some(8000),
+                model: None,
+            }
+        }
         ("tritonserver", _, _) => ServerStart {
             kind: "triton",
             port: port("--http-port", 8000),
@@ -91,7 +100,7 @@ pub fn parse_start(cmd: &Command) -> Option<ServerStart> {
             port: port("--port", 1234),
             model: None,
         },
-        ("lms", Some("load" | "get"), Some(model)) => ServerStart {
+        ("lms", Some("load"), Some(model)) => ServerStart {
             kind: "lm-studio",
             port: None,
             model: Some(cmd.option("--identifier").unwrap_or(model).to_owned()),

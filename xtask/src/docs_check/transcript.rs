@@ -71,6 +71,16 @@ pub fn matches(expected: &[String], actual: &[String]) -> bool {
     match_from(&expected, &actual)
 }
 
+/// Whether `actual` holds the same lines as `expected`, in any order (after normalising).
+pub fn matches_in_any_order(expected: &[String], actual: &[String]) -> bool {
+    let sorted = |lines: &[String]| {
+        let mut v: Vec<String> = lines.iter().map(|l| normalise(l)).collect();
+        v.sort();
+        v
+    };
+    sorted(expected) == sorted(actual)
+}
+
 fn match_from(expected: &[String], actual: &[String]) -> bool {
     match expected.split_first() {
         None => actual.is_empty(),
@@ -110,5 +120,7 @@ mod tests {
         assert!(matches(&lines("a\nb\nc\nd\n..."), &actual));
         assert!(!matches(&lines("a\nb\nc"), &actual));
         assert!(!matches(&lines("a\nx\n...\nd"), &actual));
+        assert!(matches_in_any_order(&lines("d\nc\nb\na"), &actual));
+        assert!(!matches_in_any_order(&lines("d\nc\nb"), &actual));
     }
 }
