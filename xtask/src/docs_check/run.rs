@@ -159,7 +159,7 @@ impl<'a> Page<'a> {
         if cmd.flag("--resume") {
             return;
         }
-        if let Some(output) = cmd.option("-o").or(cmd.option("--output")) {
+        if let Some(output) = scratch_output(cmd) {
             let _ = std::fs::remove_file(self.scratch.join(output));
         }
     }
@@ -527,6 +527,17 @@ fn classify(cmd: &Command) -> Kind {
     }
 }
 
+/// The output file a command names, when it lies inside the scratch folder: never an absolute
+/// path (`-o /dev/full` is the device, not a file to remove) nor one that climbs out with `..`.
+fn scratch_output(cmd: &Command) -> Option<&Path> {
+    let output = Path::new(cmd.option("-o").or(cmd.option("--output"))?);
+    let inside = output.is_relative()
+        && !output
+            .components()
+            .any(|c| c == std::path::Component::ParentDir);
+    inside.then_some(output)
+}
+
 /// `cargo run -p vlm-cli -- ARGS` as `vlm ARGS` (the binary docs-check built).
 fn cargo_run_vlm(cmd: &Command) -> Option<String> {
     let argv = cmd.argv();
@@ -670,6 +681,22 @@ mod tests {
             .as_deref(),
             Some("vlm narrate --emulate assets/samples")
         );
+    }
+
+    #[test]
+    fn only_outputs_inside_the_scratch_folder_are_cleared() {
+        let out = |line: &str| scratch_output(&cmd(line)).map(|p| p.display().to_string());
+        assert_eq!(
+            out("vlm narrate p -o out.jsonl").as_deref(),
+            Some("out.jsonl")
+        );
+        assert_eq!(
+            out("vlm narrate p --output results/a.jsonl").as_deref(),
+            Some("results/a.jsonl")
+        );
+        assert_eq!(out("vlm narrate p -o /dev/full"), None);
+        assert_eq!(out("vlm narrate p -o ../x.jsonl"), None);
+        assert_eq!(out("vlm narrate p -o a/../../x.jsonl"), None);
     }
 
     #[test]
