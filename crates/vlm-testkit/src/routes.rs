@@ -710,6 +710,9 @@ fn validate(shared: &Shared, json: &Value) -> Result<ChatAsk, Resp> {
             }
         }
     }
+    if shared.flavor == OpenAiFlavor::LlamaCpp && backend == VlmBackend::OpenAi {
+        crate::servers::llama_decodable(&images).map_err(|e| bad(e, None))?;
+    }
     Ok(ChatAsk {
         model,
         images,

@@ -93,6 +93,18 @@ pub(crate) fn ollama_image_url(url: &str) -> Result<(), String> {
     }
 }
 
+/// llama.cpp decodes images with stb_image (`mtmd_helper_bitmap_init_from_buf`), whatever
+/// the data URL's type says: JPEG, PNG, GIF, BMP and a few others, but not WebP. A WebP is a
+/// 400 "Failed to load image or audio file".
+pub(crate) fn llama_decodable(images: &[Vec<u8>]) -> Result<(), String> {
+    let webp = |b: &[u8]| b.len() >= 12 && &b[..4] == b"RIFF" && &b[8..12] == b"WEBP";
+    if images.iter().any(|image| webp(image)) {
+        Err("Failed to load image or audio file".to_owned())
+    } else {
+        Ok(())
+    }
+}
+
 /// An OpenAI-compatible server's error body, in its own shape.
 pub(crate) fn openai_error(flavor: OpenAiFlavor, status: u16, message: &str) -> Value {
     match flavor {

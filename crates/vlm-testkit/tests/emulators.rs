@@ -602,3 +602,42 @@ fn the_emulator_binary_prints_its_base_url_serves_and_exits_0_on_sigterm() {
         "{out:?}"
     );
 }
+
+#[tokio::test]
+async fn llama_cpp_cannot_decode_webp_as_stb_image_cannot() {
+    let samples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/samples");
+    let webp = std::fs::read(samples.join("neutral_street.webp")).unwrap();
+    let llama = Emulator::start(
+        EmulatorConfig::new(VlmBackend::OpenAi)
+            .with_flavor(vlm_testkit::OpenAiFlavor::LlamaCpp)
+            .with_model("m"),
+    )
+    .await
+    .unwrap();
+    let chat = format!("{}/chat/completions", llama.base_url());
+    let (status, body) = post(
+        &chat,
+        &chat_body(Some("m"), &[data_url("image/webp", &webp)]),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body,
+        json!({"error": {"code": 400, "message": "Failed to load image or audio file", "type": "invalid_request_error"}})
+    );
+    let (status, body) = post(
+        &chat,
+        &chat_body(Some("m"), &[data_url("image/png", &sepia())]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // SGLang decodes WebP.
+    let sglang = start(VlmBackend::OpenAi).await;
+    let chat = format!("{}/chat/completions", sglang.base_url());
+    let (status, body) = post(
+        &chat,
+        &chat_body(Some("m"), &[data_url("image/webp", &webp)]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -282,6 +282,46 @@ async fn a_gif_for_ollama_is_an_error_record_naming_the_file_and_nothing_is_sent
 
 #[cfg(feature = "openai")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webp_for_llama_cpp_is_an_error_record_and_nothing_is_sent_for_it() {
+    let e = Emulator::start(
+        EmulatorConfig::new(VlmBackend::OpenAi).with_flavor(OpenAiFlavor::LlamaCpp),
+    )
+    .await
+    .unwrap();
+    let dir = workdir();
+    let mut cmd = vlm(&dir);
+    cmd.args([
+        "narrate",
+        "images",
+        "--vlm-backend",
+        "openai",
+        "--vlm-base-url",
+        &e.base_url(),
+    ]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let recs = records(&String::from_utf8(out.stdout).unwrap());
+    let (webp, others): (Vec<_>, Vec<_>) = recs
+        .iter()
+        .partition(|r| r["path"].as_str().is_some_and(|p| p.ends_with(".webp")));
+    assert_eq!(webp.len(), 1, "{recs:?}");
+    let msg = webp[0]["error"].as_str().unwrap();
+    assert!(
+        msg.contains("llama.cpp's llama-server cannot decode WebP"),
+        "{msg}"
+    );
+    assert!(msg.contains("convert it to PNG or JPEG"), "{msg}");
+    assert!(others.iter().all(|r| r["error"].is_null()), "{others:?}");
+    assert_eq!(
+        e.chat_requests().len(),
+        others.len(),
+        "the WebP was never sent"
+    );
+}
+
+#[cfg(feature = "openai")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_with_wait_rides_out_a_loading_server() {
     let e = Emulator::start(
         EmulatorConfig::new(VlmBackend::OpenAi)

@@ -169,6 +169,9 @@ struct Inner<S> {
     bodies: Arc<BufferPool>,
     /// `<base>/chat/completions`, joined once.
     chat_url: Url,
+    /// The `owned_by` of the served models, once `GET /v1/models` has been read: what the
+    /// server is, behind the generic protocol.
+    owner: std::sync::OnceLock<String>,
 }
 
 impl<S> Clone for OpenAiCompatible<S> {
@@ -207,6 +210,7 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
                 max_image_edge: config.max_image_edge,
                 model: ModelSlot::new(config.model),
                 bodies: Arc::default(),
+                owner: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -269,9 +273,7 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
             let loaded =
                 crate::resize::fit(loaded, self.inner.max_image_edge, image.source_name()).await?;
             if let Some(mime) = image_type(&loaded) {
-                self.inner
-                    .server
-                    .check_image_type(mime)
+                self.takes_image_type(mime)
                     .map_err(|why| VlmError::image(image.source_name(), why))?;
             }
             images.push(loaded);
@@ -375,6 +377,13 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
         ))
     }
 
+    /// Whether the server takes this image type: the backend's own rule, then what the server
+    /// is known to be from its model list (llama.cpp cannot decode WebP).
+    fn takes_image_type(&self, mime: ImageMime) -> Result<(), String> {
+        self.inner.server.check_image_type(mime)?;
+        owner_takes(self.inner.owner.get().map(String::as_str), mime)
+    }
+
     /// `GET /v1/models`, recorded as a probe.
     pub async fn list_models(
         &self,
@@ -394,6 +403,9 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
                     &resp,
                     self.inner.transport.server_text(),
                 )?;
+                if let Some(owner) = models.iter().find_map(|m| m.owned_by.clone()) {
+                    let _ = self.inner.owner.set(owner);
+                }
                 let names: Vec<String> = models.iter().map(|m| shown_model(&m.id)).collect();
                 probes.push(HealthProbe {
                     route,
@@ -449,6 +461,19 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
     }
 }
 
+/// The image types a server cannot decode, known from its model list's `owned_by`:
+/// llama.cpp's `llama-server` (`llamacpp`) decodes images with stb_image, which has no WebP, and
+/// answers one with a bare 400 "Failed to load image or audio file".
+fn owner_takes(owner: Option<&str>, mime: ImageMime) -> Result<(), String> {
+    match (owner, mime) {
+        (Some("llamacpp"), ImageMime::Webp) => Err(
+            "llama.cpp's llama-server cannot decode WebP (it would answer \"Failed to load image or audio file\"); convert it to PNG or JPEG"
+                .to_owned(),
+        ),
+        _ => Ok(()),
+    }
+}
+
 #[async_trait]
 impl<S: OpenAiServer> VlmClient for OpenAiCompatible<S> {
     fn backend(&self) -> VlmBackend {
@@ -464,7 +489,7 @@ impl<S: OpenAiServer> VlmClient for OpenAiCompatible<S> {
     }
 
     fn check_image_type(&self, mime: ImageMime) -> Result<(), String> {
-        self.inner.server.check_image_type(mime)
+        self.takes_image_type(mime)
     }
 
     async fn health(&self) -> Result<HealthReport, VlmError> {

@@ -123,6 +123,10 @@ pub struct ServedModel {
     /// vLLM's context length, when given.
     #[serde(default)]
     pub max_model_len: Option<u64>,
+    /// Who the server says serves it (`vllm`, `lmdeploy`, `sglang`, `llamacpp`, ...), when
+    /// given.
+    #[serde(default)]
+    pub owned_by: Option<String>,
 }
 
 #[derive(Deserialize)]
