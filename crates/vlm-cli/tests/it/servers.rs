@@ -4,7 +4,7 @@
 use vlm_core::VlmBackend;
 use vlm_testkit::{Emulator, EmulatorConfig, OpenAiFlavor};
 
-use crate::{records, run, stderr, vlm, workdir};
+use crate::{narrate_in, records, run, stderr, vlm, workdir};
 
 #[cfg(feature = "ollama")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,15 +289,7 @@ async fn a_webp_for_llama_cpp_is_an_error_record_and_nothing_is_sent_for_it() {
     .await
     .unwrap();
     let dir = workdir();
-    let mut cmd = vlm(&dir);
-    cmd.args([
-        "narrate",
-        "images",
-        "--vlm-backend",
-        "openai",
-        "--vlm-base-url",
-        &e.base_url(),
-    ]);
+    let cmd = narrate_in(&dir, &e.base_url(), &["--vlm-backend", "openai"]);
     let out = run(cmd).await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
