@@ -650,6 +650,7 @@ async fn any_openai_compatible_server_passes_health_and_infers_even_behind_a_pre
         (OpenAiFlavor::Sglang, Some("/llama")),
         (OpenAiFlavor::LlamaCpp, None),
         (OpenAiFlavor::TrtllmServe, Some("/trt")),
+        (OpenAiFlavor::LmStudio, None),
     ] {
         let mut config = EmulatorConfig::new(VlmBackend::OpenAi).with_flavor(flavor);
         if let Some(p) = prefix {
@@ -763,6 +764,12 @@ async fn auto_detects_every_server_and_then_its_own_keys_apply() {
         ),
         (
             EmulatorConfig::new(VlmBackend::OpenAi).with_flavor(OpenAiFlavor::TrtllmServe),
+            VlmBackend::OpenAi,
+            "GET /v1/models",
+        ),
+        // LM Studio answers GET /, /v2, /api/version and /health 200 with an error body.
+        (
+            EmulatorConfig::new(VlmBackend::OpenAi).with_flavor(OpenAiFlavor::LmStudio),
             VlmBackend::OpenAi,
             "GET /v1/models",
         ),

@@ -20,7 +20,7 @@ pub struct EmulatorArgs {
     pub api_key: Option<String>,
     /// `--fast`: fixed answers, no decoding or recording (for benchmarks)
     pub fast: bool,
-    /// `--flavor sglang|llama-cpp|trtllm-serve`: which server `--backend openai` is
+    /// `--flavor sglang|llama-cpp|trtllm-serve|lm-studio`: which server `--backend openai` is
     pub flavor: OpenAiFlavor,
     /// `--triton-model multimodal|vllm|text`: which model `--backend triton` serves
     pub triton_model: crate::TritonModel,
@@ -129,7 +129,7 @@ impl EmulatorArgs {
 /// The usage text of `vlm-emulator`.
 pub const USAGE: &str =
     "usage: vlm-emulator --backend vllm|lmdeploy|triton|ollama|openai [--port P] [--model M] [--api-key K]
-                    [--flavor sglang|llama-cpp|trtllm-serve] [--triton-model multimodal|vllm|text]
+                    [--flavor sglang|llama-cpp|trtllm-serve|lm-studio] [--triton-model multimodal|vllm|text]
                     [--fast] [--capacity K [--token-rate R]]
                     [--fault 503x2|429|502|hang|drop|close ...] [--start-after 10s] [--delay 2s]
 

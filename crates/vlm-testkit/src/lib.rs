@@ -1,7 +1,7 @@
 //! # vlm-testkit
 //!
 //! Local emulators of the servers ImageWorks VLM talks to — vLLM, LMDeploy, Triton, Ollama, and
-//! SGLang, llama.cpp's `llama-server` and `trtllm-serve` for the generic `openai` backend — for
+//! SGLang, llama.cpp's `llama-server`, `trtllm-serve` and LM Studio for the generic `openai` backend — for
 //! tests, demos and benchmarks on machines with no GPU, no model and no network.
 //!
 //! Each [`Emulator`] listens on 127.0.0.1 (port 0 by default), answers each route with the

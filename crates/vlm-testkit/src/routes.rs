@@ -538,9 +538,11 @@ fn requested_model(shared: &Shared, obj: &serde_json::Map<String, Value>) -> Res
         (Some(_), _, _) => return Err(bad("model must be a string")),
         // vLLM: optional, the first served model; SGLang and llama.cpp: optional, ignored.
         (None, VlmBackend::Vllm, _)
-        | (None, VlmBackend::OpenAi, OpenAiFlavor::Sglang | OpenAiFlavor::LlamaCpp) => {
-            shared.model.clone()
-        }
+        | (
+            None,
+            VlmBackend::OpenAi,
+            OpenAiFlavor::Sglang | OpenAiFlavor::LlamaCpp | OpenAiFlavor::LmStudio,
+        ) => shared.model.clone(),
         (None, VlmBackend::Ollama, _) => return Err(bad("model is required")),
         // trtllm-serve: pydantic's "Field required", as its {"error": "..."} body.
         (None, VlmBackend::OpenAi, _) => {

@@ -32,14 +32,15 @@ pub fn default_model(backend: VlmBackend) -> &'static str {
 impl std::str::FromStr for OpenAiFlavor {
     type Err = String;
 
-    /// `sglang`, `llama-cpp` (or `llama.cpp`, `llama-server`), `trtllm-serve`.
+    /// `sglang`, `llama-cpp` (or `llama.cpp`, `llama-server`), `trtllm-serve`, `lm-studio`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "sglang" => Ok(OpenAiFlavor::Sglang),
             "llama-cpp" | "llama.cpp" | "llamacpp" | "llama-server" => Ok(OpenAiFlavor::LlamaCpp),
             "trtllm-serve" | "trtllm" => Ok(OpenAiFlavor::TrtllmServe),
+            "lm-studio" | "lmstudio" => Ok(OpenAiFlavor::LmStudio),
             other => Err(format!(
-                "unknown --flavor {other:?}: expected sglang, llama-cpp or trtllm-serve"
+                "unknown --flavor {other:?}: expected sglang, llama-cpp, trtllm-serve or lm-studio"
             )),
         }
     }
@@ -61,6 +62,11 @@ pub enum OpenAiFlavor {
     /// TensorRT-LLM's `trtllm-serve`: `/health` (empty 200), `/version`,
     /// `owned_by: "tensorrt_llm"`; `model` required.
     TrtllmServe,
+    /// LM Studio's server (`lms server start`): no `/health`, since every unknown route is a
+    /// 200 `{"error":"Unexpected endpoint or method. (GET /health)"}`; `GET /lmstudio-greeting`;
+    /// model entries `owned_by: "organization_owner"` with no `created`; OpenAI's nested
+    /// errors; `model` optional with one model loaded.
+    LmStudio,
 }
 
 /// How to start an emulator.

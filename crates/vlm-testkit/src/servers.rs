@@ -119,6 +119,13 @@ pub(crate) fn openai_error(flavor: OpenAiFlavor, status: u16, message: &str) -> 
             };
             json!({"error": {"code": status, "message": message, "type": kind}})
         }
+        // LM Studio: OpenAI's nested shape.
+        OpenAiFlavor::LmStudio => json!({"error": {
+            "message": message,
+            "type": if status == 401 { "invalid_request" } else { "invalid_request_error" },
+            "param": null,
+            "code": match status { 401 => json!("invalid_api_key"), 404 => json!("model_not_found"), _ => Value::Null },
+        }}),
         // SGLang's and trtllm-serve's flat ErrorResponse.
         OpenAiFlavor::Sglang | OpenAiFlavor::TrtllmServe => json!({
             "object": "error", "message": message, "type": "BadRequestError", "param": null,
@@ -145,6 +152,7 @@ pub(crate) fn owner(shared: &Shared) -> &'static str {
         (VlmBackend::OpenAi, OpenAiFlavor::Sglang) => "sglang",
         (VlmBackend::OpenAi, OpenAiFlavor::LlamaCpp) => "llamacpp",
         (VlmBackend::OpenAi, OpenAiFlavor::TrtllmServe) => "tensorrt_llm",
+        (VlmBackend::OpenAi, OpenAiFlavor::LmStudio) => "organization_owner",
         (backend, _) => backend.as_str(),
     }
 }
@@ -156,6 +164,14 @@ pub(crate) fn openai_server(shared: &Shared, method: &str, path: &str) -> Option
     let flavor = shared.flavor;
     let resp = match (flavor, method, path) {
         (_, "POST", "/v1/chat/completions") | (_, "GET", "/v1/models") => return None,
+        (OpenAiFlavor::LmStudio, "GET", "/lmstudio-greeting") => {
+            json_response(200, &json!({"lmstudio": true}))
+        }
+        // An Express app that answers every unknown route 200, "Returning 200 anyway".
+        (OpenAiFlavor::LmStudio, method, path) => json_response(
+            200,
+            &json!({"error": format!("Unexpected endpoint or method. ({method} {path})")}),
+        ),
         (OpenAiFlavor::LlamaCpp, "GET", "/health" | "/v1/health") => {
             json_response(200, &json!({"status": "ok"}))
         }
@@ -191,6 +207,9 @@ pub(crate) fn openai_models(shared: &Shared) -> Value {
         OpenAiFlavor::LlamaCpp => json!({"object": "list", "data": [entry],
             "models": [{"name": shared.model, "model": shared.model,
                 "capabilities": ["completion", "multimodal"]}]}),
+        // No `created`: only id, object and owned_by.
+        OpenAiFlavor::LmStudio => json!({"data": [{"id": shared.model, "object": "model",
+            "owned_by": owner(shared)}], "object": "list"}),
         _ => json!({"object": "list", "data": [entry]}),
     }
 }

@@ -641,3 +641,38 @@ async fn llama_cpp_cannot_decode_webp_as_stb_image_cannot() {
     .await;
     assert_eq!(status, 200, "{body}");
 }
+
+#[tokio::test]
+async fn lm_studio_answers_unknown_routes_200_and_lists_models_as_lm_studio_does() {
+    let lms = Emulator::start(
+        EmulatorConfig::new(VlmBackend::OpenAi)
+            .with_flavor(vlm_testkit::OpenAiFlavor::LmStudio)
+            .with_model("qwen2.5-vl-7b"),
+    )
+    .await
+    .unwrap();
+    let root = lms.root_url();
+    let root = root.trim_end_matches('/');
+    let (status, body) = get(&format!("{root}/health")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        r#"{"error":"Unexpected endpoint or method. (GET /health)"}"#
+    );
+    let (status, body) = get(&format!("{root}/lmstudio-greeting")).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"lmstudio":true}"#));
+    let (status, body) = get(&format!("{}/models", lms.base_url())).await;
+    assert_eq!(status, 200);
+    let list: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        list,
+        json!({"data": [{"id": "qwen2.5-vl-7b", "object": "model", "owned_by": "organization_owner"}], "object": "list"})
+    );
+    // `model` may be left out with one model loaded; errors are OpenAI's nested shape.
+    let chat = format!("{}/chat/completions", lms.base_url());
+    let (status, body) = post(&chat, &chat_body(None, &[data_url("image/png", &sepia())])).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(&chat, &json!({"messages": "not a list"})).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+}

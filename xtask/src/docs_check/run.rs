@@ -375,7 +375,7 @@ impl<'a> Page<'a> {
             .or(asked.clone());
         let variant = match (backend, kind) {
             ("triton", _) if asked.as_deref() == Some("vllm_model") => Some("vllm".to_owned()),
-            ("openai", Some(flavor @ ("sglang" | "llama-cpp" | "trtllm-serve"))) => {
+            ("openai", Some(flavor @ ("sglang" | "llama-cpp" | "trtllm-serve" | "lm-studio"))) => {
                 Some(flavor.to_owned())
             }
             _ => None,
