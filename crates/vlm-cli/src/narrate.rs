@@ -491,11 +491,7 @@ pub async fn run(global: &GlobalOpts, args: NarrateArgs) -> Result<Exit, Failure
         ]
     };
     let mut settings = global.load_settings(&extra(None))?;
-    let shard = args
-        .shard
-        .as_deref()
-        .map(|s| crate::shard::Shard::parse(s, |name| std::env::var(name).ok()))
-        .transpose()?;
+    let shard = crate::shard::Shard::from_flag(args.shard.as_deref())?;
     let prompt = load_prompt(&args)?;
     let schema = args.json_schema.as_deref().map(read_schema).transpose()?;
     crate::resize::check_available(settings.max_image_edge)?;

@@ -14,6 +14,7 @@ use vlm_core::{ImageInput, ResponseFormat, VlmClient, VlmError, VlmRequest, VlmR
 
 use crate::narrate::drain;
 use crate::output::{Resumable, Sink};
+use crate::shard::Shard;
 use crate::{Exit, Failure, GlobalOpts};
 
 /// `vlm run` arguments.
@@ -34,6 +35,16 @@ pub struct RunArgs {
     overwrite: bool,
     #[command(flatten)]
     sending: crate::concurrency::Sending,
+    /// Send only shard I of N (I/N, 0 <= I < N): the requests whose custom_id hashes into it
+    /// (a line without one: its line number), the same on every machine; auto reads a
+    /// Kubernetes Indexed Job (JOB_COMPLETION_INDEX of VLM_SHARD_COUNT) or a Slurm array
+    #[arg(long, value_name = "I/N|auto")]
+    shard: Option<String>,
+}
+
+/// What a request is sharded by: its `custom_id`, or for a line without one, its line number.
+fn shard_key(custom_id: Option<&str>, line: usize) -> String {
+    custom_id.map_or_else(|| format!("line {line}"), str::to_owned)
 }
 
 /// The custom_ids a previous output already answered (status 200, no error).
@@ -327,7 +338,9 @@ async fn answer_line(client: Arc<dyn VlmClient>, line: Line, json_retries: u32) 
 }
 
 /// Reads the request file once to refuse duplicate custom_ids before anything is sent.
-fn check_ids(path: &Path) -> Result<usize, Failure> {
+/// Checks that every custom_id is unique; returns how many requests are this shard's (all of
+/// them without `--shard`) and how many the file holds.
+fn check_ids(path: &Path, shard: Option<Shard>) -> Result<(usize, usize), Failure> {
     let file = std::fs::File::open(path).map_err(|e| {
         Failure::usage(format!(
             "cannot read the request file {}: {e}",
@@ -335,7 +348,7 @@ fn check_ids(path: &Path) -> Result<usize, Failure> {
         ))
     })?;
     let mut seen: HashMap<String, usize> = HashMap::new();
-    let mut lines = 0;
+    let (mut lines, mut ours) = (0, 0);
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|e| {
             Failure::usage(format!(
@@ -351,6 +364,9 @@ fn check_ids(path: &Path) -> Result<usize, Failure> {
         let id = serde_json::from_str::<Value>(&line)
             .ok()
             .and_then(|v| v["custom_id"].as_str().map(str::to_owned));
+        if shard.is_none_or(|s| s.takes_key(&shard_key(id.as_deref(), i + 1))) {
+            ours += 1;
+        }
         if let Some(id) = id
             && let Some(first) = seen.insert(id.clone(), i + 1)
         {
@@ -362,12 +378,16 @@ fn check_ids(path: &Path) -> Result<usize, Failure> {
             )));
         }
     }
-    Ok(lines)
+    Ok((ours, lines))
 }
 
 /// Runs `vlm run`.
 pub async fn run(global: &GlobalOpts, args: RunArgs) -> Result<Exit, Failure> {
-    let total = check_ids(&args.requests)?;
+    let shard = Shard::from_flag(args.shard.as_deref())?;
+    let (total, all) = check_ids(&args.requests, shard)?;
+    if let Some(shard) = shard {
+        tracing::info!("shard {shard}: {total} of {all} request(s) are this shard's");
+    }
     let base = args
         .requests
         .parent()
@@ -416,6 +436,10 @@ pub async fn run(global: &GlobalOpts, args: RunArgs) -> Result<Exit, Failure> {
                     return None;
                 }
                 let line = parse_line(i + 1, &text, &base);
+                let key = || shard_key(line.custom_id.as_deref(), i + 1);
+                if shard.is_some_and(|s| !s.takes_key(&key())) {
+                    return None;
+                }
                 if line.custom_id.as_ref().is_some_and(|id| done.contains(id)) {
                     skipped.fetch_add(1, Ordering::SeqCst);
                     return None;

@@ -107,6 +107,22 @@ impl Shard {
         Ok(Shard { index, count })
     }
 
+    /// `--shard`'s value, when given: parsed, with `auto` read from the process environment.
+    pub fn from_flag(value: Option<&str>) -> Result<Option<Shard>, Failure> {
+        value
+            .map(|s| Shard::parse(s, |name| std::env::var(name).ok()))
+            .transpose()
+    }
+
+    /// Whether the item named `key` (a `vlm run` request's `custom_id`) is this shard's: the
+    /// first 8 bytes of the key's SHA-256, modulo N.
+    pub fn takes_key(&self, key: &str) -> bool {
+        let digest = Sha256::digest(key.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        u64::from_be_bytes(first) % self.count == self.index
+    }
+
     /// Whether the image at `relative` (its path relative to the argument it was found under,
     /// `/`-separated) is this shard's: the first 8 bytes of its SHA-256, modulo N.
     pub fn takes(&self, relative: &Path) -> bool {
@@ -118,10 +134,7 @@ impl Shard {
                 _ => None,
             })
             .collect();
-        let digest = Sha256::digest(key.join("/").as_bytes());
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&digest[..8]);
-        u64::from_be_bytes(first) % self.count == self.index
+        self.takes_key(&key.join("/"))
     }
 }
 

@@ -199,3 +199,69 @@ async fn a_killed_run_resumes_with_one_success_per_custom_id_and_duplicates_are_
     );
     assert!(e.chat_requests().is_empty());
 }
+
+#[cfg(feature = "vllm")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_shards_split_a_request_file_exactly_once_between_them() {
+    let e = crate::vllm_emulator().await;
+    let dir = workdir();
+    // Twenty one-image requests and a line with no custom_id (sharded by its line number).
+    let mut lines: Vec<String> = (0..20)
+        .map(|n| {
+            format!(
+                r#"{{"custom_id":"r{n}","method":"POST","url":"/v1/chat/completions","body":{{"max_tokens":50,"messages":[{{"role":"user","content":[{{"type":"text","text":"Describe."}},{{"type":"image_url","image_url":{{"url":"images/sepia_portrait.jpg"}}}}]}}]}}}}"#
+            )
+        })
+        .collect();
+    lines.push(r#"{"method":"POST","url":"/v1/chat/completions","body":{}}"#.to_owned());
+    std::fs::write(dir.join("requests.jsonl"), lines.join("\n") + "\n").unwrap();
+    let shard = |spec: &str, env: &[(&str, &str)]| {
+        let mut cmd = vlm(&dir);
+        cmd.args([
+            "run",
+            "requests.jsonl",
+            "--vlm-base-url",
+            &e.base_url(),
+            "--shard",
+            spec,
+        ]);
+        cmd.envs(env.iter().copied());
+        cmd
+    };
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut counts = Vec::new();
+    for i in 0..3 {
+        let out = run(shard(&format!("{i}/3"), &[])).await;
+        let err = stderr(&out);
+        let ids = by_id(&String::from_utf8(out.stdout).unwrap());
+        assert!(
+            err.contains(&format!("shard {i}/3: {} of 21 request(s)", ids.len())),
+            "{err}"
+        );
+        counts.push(ids.len());
+        for id in ids.into_keys() {
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        21,
+        "every request in exactly one shard: {seen:?}"
+    );
+    assert!(seen.values().all(|n| *n == 1), "{seen:?}");
+    assert!(counts.iter().all(|n| *n > 0), "{counts:?}");
+    // Slurm's variables give the same shard as I/N, on every run.
+    let first = by_id(&String::from_utf8(run(shard("1/3", &[])).await.stdout).unwrap());
+    let slurm = [
+        ("SLURM_ARRAY_TASK_ID", "5"),
+        ("SLURM_ARRAY_TASK_MIN", "4"),
+        ("SLURM_ARRAY_TASK_COUNT", "3"),
+    ];
+    let auto = by_id(&String::from_utf8(run(shard("auto", &slurm)).await.stdout).unwrap());
+    let keys = |m: &HashMap<String, Value>| {
+        let mut k: Vec<String> = m.keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&first), keys(&auto));
+}
