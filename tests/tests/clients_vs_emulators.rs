@@ -954,3 +954,41 @@ async fn a_client_with_max_image_edge_shrinks_files_and_bytes_off_the_async_thre
         answer.text
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sglang_queue_is_read_from_its_metrics_once_the_server_is_known() {
+    use vlm_testkit::{Capacity, OpenAiFlavor};
+    let e = Emulator::start(
+        EmulatorConfig::new(VlmBackend::OpenAi)
+            .with_flavor(OpenAiFlavor::Sglang)
+            .with_capacity(Capacity::new(1, 20.0)),
+    )
+    .await
+    .unwrap();
+    let client = client_at(VlmBackend::OpenAi, &e.base_url(), None);
+    assert_eq!(
+        client.queue_depth().await,
+        None,
+        "not before the model list says the server is SGLang"
+    );
+    assert!(client.health().await.unwrap().is_ready());
+    assert_eq!(client.queue_depth().await, Some(0.0));
+    // One request decodes, two wait: SGLang's sglang:num_queue_reqs says 2.
+    let busy: Vec<_> = (0..3)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.infer_single(&ask(png(5))).await })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while client.queue_depth().await != Some(2.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queue never showed 2"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for request in busy {
+        request.await.unwrap().unwrap();
+    }
+}

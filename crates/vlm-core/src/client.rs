@@ -103,8 +103,9 @@ pub trait VlmClient: Send + Sync + fmt::Debug {
 
     /// How many requests wait in the server's queue, where the server publishes it (vLLM's
     /// `vllm:num_requests_waiting`, LMDeploy's `lmdeploy:num_requests_waiting` (on by default
-    /// since LMDeploy 0.11), both on `GET /metrics`); `None` where it does not or could not be
-    /// read. Adaptive concurrency keeps it short.
+    /// since LMDeploy 0.11), SGLang's `sglang:num_queue_reqs` (with `--enable-metrics`, once its
+    /// model list has shown the server is SGLang), all on `GET /metrics`); `None` where it does
+    /// not or could not be read. Adaptive concurrency keeps it short.
     async fn queue_depth(&self) -> Option<f64> {
         None
     }

@@ -2,8 +2,9 @@
 //!
 //! Past K, requests wait in a queue and their latency grows with it; far past it (4 K waiting)
 //! the emulator answers 503, as a gateway with a queue limit in front of the server does (vLLM
-//! itself queues without a limit). The queue is published as vLLM publishes it on
-//! `GET /metrics` (`vllm:num_requests_waiting`, `vllm:num_requests_running`).
+//! itself queues without a limit). The queue is published on `GET /metrics` as vLLM publishes
+//! it (`vllm:num_requests_waiting`, `vllm:num_requests_running`) and, for the sglang flavour, as
+//! SGLang does when started with `--enable-metrics` (`sglang:num_queue_reqs`).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -115,19 +116,61 @@ impl CapacityState {
 
 /// vLLM's `GET /metrics` (the scheduler gauges only), in Prometheus text format.
 pub(crate) fn vllm_metrics(model: &str, state: Option<&CapacityState>) -> String {
-    let (running, waiting) = state.map_or((0, 0), |s| {
+    let labels = format!("engine=\"0\",model_name=\"{}\"", model.replace('"', "\\\""));
+    let (running, waiting) = counts(state);
+    gauges(
+        &labels,
+        [
+            (
+                "vllm:num_requests_running",
+                "Number of requests in model execution batches.",
+                running,
+            ),
+            (
+                "vllm:num_requests_waiting",
+                "Number of requests waiting to be processed.",
+                waiting,
+            ),
+        ],
+    )
+}
+
+/// SGLang's `GET /metrics` (served when it runs with `--enable-metrics`), the scheduler gauges.
+pub(crate) fn sglang_metrics(model: &str, state: Option<&CapacityState>) -> String {
+    let labels = format!("model_name=\"{}\"", model.replace('"', "\\\""));
+    let (running, waiting) = counts(state);
+    gauges(
+        &labels,
+        [
+            (
+                "sglang:num_running_reqs",
+                "The number of running requests.",
+                running,
+            ),
+            (
+                "sglang:num_queue_reqs",
+                "The number of requests in the waiting queue.",
+                waiting,
+            ),
+        ],
+    )
+}
+
+fn counts(state: Option<&CapacityState>) -> (usize, usize) {
+    state.map_or((0, 0), |s| {
         (
             s.running.load(Ordering::SeqCst),
             s.waiting.load(Ordering::SeqCst),
         )
-    });
-    let labels = format!("engine=\"0\",model_name=\"{}\"", model.replace('"', "\\\""));
-    format!(
-        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n\
-         # TYPE vllm:num_requests_running gauge\n\
-         vllm:num_requests_running{{{labels}}} {running}.0\n\
-         # HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
-         # TYPE vllm:num_requests_waiting gauge\n\
-         vllm:num_requests_waiting{{{labels}}} {waiting}.0\n"
-    )
+    })
+}
+
+/// Gauges in Prometheus text format, each with its HELP and TYPE lines.
+fn gauges<const N: usize>(labels: &str, gauges: [(&str, &str, usize); N]) -> String {
+    gauges
+        .iter()
+        .map(|(name, help, value)| {
+            format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{labels}}} {value}.0\n")
+        })
+        .collect()
 }

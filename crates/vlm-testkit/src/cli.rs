@@ -143,7 +143,8 @@ TensorRT-LLM multimodal ensemble (default), a model on Triton's vLLM backend, or
 recording it (for benchmarks: the server's cost stays out of the client's numbers).
 --capacity K makes it a loaded GPU: up to K chat requests decode together, each answer taking
 (its tokens) / R seconds (--token-rate, default 50 tokens/s per request); past K, requests queue
-(vllm:num_requests_waiting on GET /metrics) and latency grows; 4 K waiting is a 503.
+(published on GET /metrics as vLLM does, and as SGLang does with --enable-metrics for the sglang
+flavour) and latency grows; 4 K waiting is a 503.
 To rehearse failures: --fault (repeatable, in order) makes the next chat calls fail: a status
 (503x2 = twice; 429 with Retry-After: 1; 502 as a proxy's HTML page), hang, drop (the body cut
 mid-way) or close (closed before any byte); --start-after keeps the port closed for a while, as a

@@ -53,7 +53,7 @@ pub(crate) fn json_response(status: u16, body: &Value) -> Resp {
     raw_response(status, "application/json", body.to_string())
 }
 
-fn raw_response(status: u16, content_type: &str, body: impl Into<Bytes>) -> Resp {
+pub(crate) fn raw_response(status: u16, content_type: &str, body: impl Into<Bytes>) -> Resp {
     let mut resp = Response::new(Body::full(body));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if let Ok(v) = HeaderValue::from_str(content_type) {

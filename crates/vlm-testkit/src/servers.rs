@@ -176,6 +176,14 @@ pub(crate) fn openai_server(shared: &Shared, method: &str, path: &str) -> Option
             json_response(200, &json!({"status": "ok"}))
         }
         (_, "GET", "/health") => empty_response(200),
+        // With a capacity model, as SGLang started with --enable-metrics.
+        (OpenAiFlavor::Sglang, "GET", "/metrics") if shared.capacity.is_some() => {
+            super::routes::raw_response(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                crate::capacity::sglang_metrics(model, shared.capacity.as_ref()),
+            )
+        }
         (OpenAiFlavor::Sglang, "GET", "/get_model_info" | "/model_info") => json_response(
             200,
             &json!({"model_path": model, "tokenizer_path": model, "is_generation": true,

@@ -461,6 +461,15 @@ impl<S: OpenAiServer> OpenAiCompatible<S> {
     }
 }
 
+/// The queue gauge of a server known from its model list's `owned_by`: SGLang publishes
+/// `sglang:num_queue_reqs` on `GET /metrics` when started with `--enable-metrics`.
+fn owner_queue_metric(owner: Option<&str>) -> Option<&'static str> {
+    match owner {
+        Some("sglang") => Some("sglang:num_queue_reqs"),
+        _ => None,
+    }
+}
+
 /// The image types a server cannot decode, known from its model list's `owned_by`:
 /// llama.cpp's `llama-server` (`llamacpp`) decodes images with stb_image, which has no WebP, and
 /// answers one with a bare 400 "Failed to load image or audio file".
@@ -506,7 +515,11 @@ impl<S: OpenAiServer> VlmClient for OpenAiCompatible<S> {
     }
 
     async fn queue_depth(&self) -> Option<f64> {
-        let name = self.inner.server.queue_metric()?;
+        let name = self
+            .inner
+            .server
+            .queue_metric()
+            .or_else(|| owner_queue_metric(self.inner.owner.get().map(String::as_str)))?;
         let transport = &self.inner.transport;
         let url = transport.root_endpoint("metrics");
         let resp = transport
