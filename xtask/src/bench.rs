@@ -703,7 +703,7 @@ fn capacity_section(md: &mut String, runs: &[CapacityRun]) {
         "`vlm-emulator --backend vllm --capacity {CAPACITY_SLOTS} --token-rate {TOKEN_RATE}`: {CAPACITY_SLOTS} requests \
          decode together, each answer (13-17 tokens) taking about 0.25 s; past {CAPACITY_SLOTS} they queue \
          (published as `vllm:num_requests_waiting`), and {} waiting is a 503. `vlm narrate --vlm-timeout \
-         {CAPACITY_TIMEOUT}` (release build) over generated 32×24 PNGs, a fresh emulator per row; \
+         {CAPACITY_TIMEOUT} images/` (release build) over generated 32×24 PNGs, a fresh emulator per row; \
          images/s counts answers only. Lower levels narrate fewer images (60 per request in flight).\n\n",
         4 * CAPACITY_SLOTS
     ));
