@@ -16,7 +16,8 @@ use crate::model::{ImageWay, ModelInfo};
 /// `max_tokens` when the request gives none (Triton's vLLM backend would stop at 16).
 const DEFAULT_MAX_TOKENS: u32 = 512;
 
-/// The prompt as sent: the system prompt first, then the template filled in.
+/// The prompt as sent: the system prompt and a blank line before the prompt, that whole text
+/// put in the template's `{prompt}` when there is a template.
 pub(crate) fn text_input(request: &VlmRequest, template: Option<&str>) -> String {
     let prompt = match &request.system_prompt {
         Some(system) => format!("{system}\n\n{}", request.prompt),
