@@ -144,7 +144,9 @@ impl Limiter {
                 self.limit *= 2.0;
             }
         } else if queue > BETA {
-            self.limit -= ((queue - BETA) / 2.0).clamp(1.0, self.limit / 4.0);
+            // At most a quarter of the limit, at least one request (below a limit of 4 the
+            // quarter is under one: `clamp` would panic there, so min then max).
+            self.limit -= ((queue - BETA) / 2.0).min(self.limit / 4.0).max(1.0);
         } else if queue < ALPHA && filled {
             self.limit += 1.0;
         }
@@ -155,6 +157,37 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_queue_at_a_small_limit_cuts_by_one_and_never_panics() {
+        // Below a limit of 4, a quarter of the limit is under one request.
+        let mut limiter = Limiter::new(3, 64);
+        limiter.slow_start = false;
+        limiter.limit = 3.5;
+        limiter.set_server_waiting(Some(40.0));
+        for _ in 0..3 {
+            limiter.on_sample(Sample::Answered {
+                rtt: Duration::from_millis(100),
+                in_flight: 3,
+            });
+        }
+        assert_eq!(limiter.limit(), 2, "cut by one request: {}", limiter.limit);
+        for _ in 0..20 {
+            let n = limiter.limit();
+            for _ in 0..n {
+                limiter.on_sample(Sample::Answered {
+                    rtt: Duration::from_millis(100),
+                    in_flight: n,
+                });
+            }
+        }
+        assert_eq!(
+            limiter.limit(),
+            1,
+            "down to one, not below: {}",
+            limiter.limit
+        );
+    }
 
     /// A server that runs `slots` requests at once, each taking `service`; the rest queue.
     fn rtt_at(limit: usize, slots: usize, service: Duration) -> Duration {
