@@ -395,8 +395,7 @@ impl<'a> Page<'a> {
     fn map_back(&self, output: &str) -> String {
         let mut out = output.replace(&self.scratch.display().to_string(), PROJECT_FOLDER);
         for (emulated, documented) in self.emulators.back_map() {
-            out = out.replace(&format!("{emulated}/"), &format!("{documented}/"));
-            out = out.replace(&emulated, &documented);
+            out = replace_in_columns(&out, &emulated, &documented);
         }
         out
     }
@@ -525,6 +524,30 @@ fn classify(cmd: &Command) -> Kind {
         "lms" if word(1) == "get" => Kind::NotRun("downloads a model (LM Studio)"),
         _ => Kind::Unknown,
     }
+}
+
+/// Replaces `from` with `to` in every line, keeping a table's columns where they were: a
+/// replacement followed by a run of spaces (a column gap) gets that run lengthened or
+/// shortened by the difference, keeping at least one space.
+fn replace_in_columns(text: &str, from: &str, to: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(from) {
+        out.push_str(&rest[..at]);
+        out.push_str(to);
+        rest = &rest[at + from.len()..];
+        let tail = rest.trim_start_matches(|c: char| c != ' ' && c != '\n');
+        let word_end = rest.len() - tail.len();
+        let spaces = tail.len() - tail.trim_start_matches(' ').len();
+        if spaces >= 2 {
+            out.push_str(&rest[..word_end]);
+            let wanted = (spaces + from.len()).saturating_sub(to.len()).max(1);
+            out.push_str(&" ".repeat(wanted));
+            rest = &tail[spaces..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The output file a command names, when it lies inside the scratch folder: never an absolute
@@ -680,6 +703,20 @@ mod tests {
             ))
             .as_deref(),
             Some("vlm narrate --emulate assets/samples")
+        );
+    }
+
+    #[test]
+    fn addresses_mapped_back_keep_a_tables_columns() {
+        let emulated = "http://127.0.0.1:40111";
+        let row = format!("lmdeploy  {emulated}/v1/    model  ready");
+        let back = replace_in_columns(&row, emulated, "http://gpu-box:23333");
+        assert_eq!(back, "lmdeploy  http://gpu-box:23333/v1/      model  ready");
+        assert_eq!(back.find("model"), row.find("model"));
+        // Prose has no column gap: a plain replacement.
+        assert_eq!(
+            replace_in_columns("at http://127.0.0.1:40111/v1; ok", emulated, "http://h:1"),
+            "at http://h:1/v1; ok"
         );
     }
 
