@@ -97,8 +97,9 @@ pub(crate) fn ollama_image_url(url: &str) -> Result<(), String> {
 /// the data URL's type says: JPEG, PNG, GIF, BMP and a few others, but not WebP. A WebP is a
 /// 400 "Failed to load image or audio file".
 pub(crate) fn llama_decodable(images: &[Vec<u8>]) -> Result<(), String> {
-    let webp = |b: &[u8]| b.len() >= 12 && &b[..4] == b"RIFF" && &b[8..12] == b"WEBP";
-    if images.iter().any(|image| webp(image)) {
+    let webp =
+        |image: &Vec<u8>| vlm_core::ImageMime::detect(image) == Some(vlm_core::ImageMime::Webp);
+    if images.iter().any(webp) {
         Err("Failed to load image or audio file".to_owned())
     } else {
         Ok(())

@@ -294,12 +294,10 @@ impl<'a> Page<'a> {
     }
 
     fn emulate(&self, cmd: &Command) -> Result<(), String> {
+        // `vlm emulate ...` or `vlm-emulator ...`: the program is one of the built binaries.
         let argv = cmd.argv();
-        let (binary, mut args) = if argv[0] == "vlm" {
-            (self.bin.join("vlm"), argv[1..].to_vec())
-        } else {
-            (self.bin.join("vlm-emulator"), argv[1..].to_vec())
-        };
+        let binary = self.bin.join(&argv[0]);
+        let mut args = argv[1..].to_vec();
         // A documented fixed port becomes a free one: tests bind port 0.
         if let Some(i) = args.iter().position(|a| a == "--port")
             && let Some(port) = args.get_mut(i + 1)
