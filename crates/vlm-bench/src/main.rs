@@ -1,13 +1,16 @@
 //! `vlm-loadgen`: the client side of `cargo xtask bench`, run as its own process so its CPU time
 //! and memory are the client's alone.
 //!
-//! - `load --url U --image F --requests N --concurrency C --mode client|raw [--driver task|spawn]`:
+//! - `load --url U --image F --requests N --concurrency C --mode client|raw|client-read|client-read-sha256 [--files DIR] [--driver task|spawn]`:
 //!   N requests, C in flight; `client` is `VllmClient::infer_single` with `ImageInput::bytes`
 //!   (reads nothing from disk per request but encodes the image into a fresh body every time,
 //!   posts it, parses the answer); `raw` is reqwest posting one pre-built body, the floor.
 //!   `--driver task` (the default) polls every request from one task with `buffer_unordered(C)`,
 //!   as async-openai's and openai-python's benchmarks drive their clients; `spawn` runs C spawned
 //!   workers. Prints one JSON line.
+//!   `client-read` (with `--files DIR`) reads the next file of DIR on the blocking pool, into a
+//!   reused buffer, for each request and sends that; `client-read-sha256` takes its SHA-256 too: the least a program
+//!   narrating a folder does per image, and what `vlm narrate` does before building the body.
 //! - `payload-memory --size BYTES`: the peak memory that building one body adds, against the
 //!   size of the encoded body. Prints one JSON line.
 
@@ -116,18 +119,13 @@ async fn load(args: &[String]) -> Result<(), String> {
         .with_model("fast")
         .with_max_retries(0);
     let endpoint = format!("{}chat/completions", config.base_url);
-    let client: Arc<vlm_vllm::VllmClient> =
-        Arc::new(vlm_vllm::VllmClient::new(config).map_err(|e| e.to_string())?);
+    let client = vlm_vllm::VllmClient::new(config).map_err(|e| e.to_string())?;
     let raw = reqwest::Client::builder()
         .no_proxy()
         .tcp_nodelay(true)
         .build()
         .map_err(|e| e.to_string())?;
-    let request = VlmRequest::builder(PROMPT)
-        .image(ImageInput::bytes_with_mime(image.clone(), mime))
-        .max_tokens(300)
-        .build()
-        .map_err(|e| e.to_string())?;
+    let request = image_request(image.clone(), mime)?;
     let prebuilt = Bytes::from(
         build_chat_body(
             &request,
@@ -139,50 +137,26 @@ async fn load(args: &[String]) -> Result<(), String> {
         )
         .map_err(|e| e.to_string())?,
     );
-    let request = Arc::new(request);
-
-    let one = {
-        let (client, raw, request, prebuilt, endpoint, mode) = (
-            client.clone(),
-            raw.clone(),
-            request.clone(),
-            prebuilt.clone(),
-            endpoint.clone(),
-            mode.clone(),
-        );
-        move || {
-            let (client, raw, request, prebuilt, endpoint, mode) = (
-                client.clone(),
-                raw.clone(),
-                request.clone(),
-                prebuilt.clone(),
-                endpoint.clone(),
-                mode.clone(),
-            );
-            async move {
-                if mode == "raw" {
-                    let resp = raw
-                        .post(&endpoint)
-                        .header("content-type", "application/json")
-                        .body(prebuilt)
-                        .send()
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let ok = resp.status().is_success();
-                    resp.bytes().await.map_err(|e| e.to_string())?;
-                    if !ok {
-                        return Err("non-2xx".to_owned());
-                    }
-                    Ok(())
-                } else {
-                    client
-                        .infer_single(&request)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                }
-            }
-        }
+    let files = match arg(args, "--files") {
+        Ok(dir) => copies(&dir)?,
+        Err(_) if mode.starts_with("client-read") => return Err("--files DIR is needed".into()),
+        Err(_) => Vec::new(),
+    };
+    let load = Arc::new(Load {
+        client,
+        raw,
+        request,
+        prebuilt: prebuilt.clone(),
+        endpoint,
+        mode: mode.clone(),
+        mime,
+        files,
+        next: AtomicUsize::new(0),
+        reads: Arc::default(),
+    });
+    let one = move || {
+        let load = load.clone();
+        async move { load.one().await }
     };
 
     // Warm up the connection pool: C connections, as the measured run keeps C in flight.
@@ -254,6 +228,106 @@ async fn load(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// The benchmark's request: the prompt and one image.
+fn image_request(image: Bytes, mime: ImageMime) -> Result<VlmRequest, String> {
+    VlmRequest::builder(PROMPT)
+        .image(ImageInput::bytes_with_mime(image, mime))
+        .max_tokens(300)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// The files of `dir`, sorted: `--files`.
+fn copies(dir: &str) -> Result<Vec<std::path::PathBuf>, String> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| format!("--files {dir}: {e}"))?
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .filter(|path| path.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(format!("--files {dir}: no files"));
+    }
+    Ok(files)
+}
+
+/// What one request of `load` does, by `--mode`.
+struct Load {
+    client: vlm_vllm::VllmClient,
+    raw: reqwest::Client,
+    request: VlmRequest,
+    prebuilt: Bytes,
+    endpoint: String,
+    mode: String,
+    mime: ImageMime,
+    files: Vec<std::path::PathBuf>,
+    next: AtomicUsize,
+    reads: Arc<vlm_core::support::BufferPool>,
+}
+
+impl Load {
+    async fn one(&self) -> Result<(), String> {
+        match self.mode.as_str() {
+            "raw" => self.raw().await,
+            "client" => self.send(&self.request).await,
+            "client-read" | "client-read-sha256" => {
+                let request = image_request(self.read_next().await?, self.mime)?;
+                self.send(&request).await
+            }
+            other => Err(format!(
+                "--mode {other}: expected raw, client, client-read or client-read-sha256"
+            )),
+        }
+    }
+
+    /// reqwest posting the pre-built body: the floor.
+    async fn raw(&self) -> Result<(), String> {
+        let resp = self
+            .raw
+            .post(&self.endpoint)
+            .header("content-type", "application/json")
+            .body(self.prebuilt.clone())
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let ok = resp.status().is_success();
+        resp.bytes().await.map_err(|e| e.to_string())?;
+        if !ok {
+            return Err("non-2xx".to_owned());
+        }
+        Ok(())
+    }
+
+    async fn send(&self, request: &VlmRequest) -> Result<(), String> {
+        self.client
+            .infer_single(request)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The next file of `--files` read on the blocking pool into a reused buffer (a fresh one
+    /// per file costs more than the read: page faults and zero-fill) and its SHA-256 taken under
+    /// `client-read-sha256`: the least a program narrating a folder does per image.
+    async fn read_next(&self) -> Result<Bytes, String> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.files.len();
+        let (path, reads) = (self.files[i].clone(), self.reads.clone());
+        let hash = self.mode.ends_with("sha256");
+        let read = tokio::task::spawn_blocking(move || {
+            let failed = |e: std::io::Error| format!("{}: {e}", path.display());
+            let mut file = std::fs::File::open(&path).map_err(failed)?;
+            let mut bytes = reads.take(0);
+            bytes.clear();
+            std::io::Read::read_to_end(&mut file, &mut bytes).map_err(failed)?;
+            if hash {
+                std::hint::black_box(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            }
+            Ok::<_, String>(reads.freeze(bytes))
+        });
+        read.await.map_err(|e| e.to_string())?
+    }
+}
+
 fn payload_memory(args: &[String]) -> Result<(), String> {
     let size = number(args, "--size")?;
     let mut data = vec![0xFF, 0xD8, 0xFF, 0xE0];
@@ -293,7 +367,7 @@ fn main() -> std::process::ExitCode {
             .map_err(|e| e.to_string())
             .and_then(|rt| rt.block_on(load(&args))),
         Some("payload-memory") => payload_memory(&args),
-        _ => Err("usage: vlm-loadgen load --url U --image F --requests N --concurrency C --mode client|raw [--driver task|spawn] | payload-memory --size BYTES".to_owned()),
+        _ => Err("usage: vlm-loadgen load --url U --image F --requests N --concurrency C --mode client|raw|client-read|client-read-sha256 [--files DIR] [--driver task|spawn] | payload-memory --size BYTES".to_owned()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -327,7 +327,7 @@ fn read_and_hash(
         ));
     }
     let cannot = |e: std::io::Error| (None, format!("image {shown}: cannot read it: {e}"));
-    let meta = std::fs::metadata(path).map_err(cannot)?;
+    let (file, meta) = open_image(path).map_err(cannot)?;
     if !meta.is_file() {
         return Err((None, format!("image {shown}: not a regular file")));
     }
@@ -342,12 +342,7 @@ fn read_and_hash(
     if meta.len() > max {
         return Err(over(meta.len()));
     }
-    // A reused buffer: `read_to_end` fills its spare room without zeroing it first.
-    let mut bytes = reads.take(meta.len() as usize);
-    bytes.clear();
-    std::fs::File::open(path)
-        .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, max + 1), &mut bytes))
-        .map_err(cannot)?;
+    let bytes = read_whole(&file, meta.len(), max, reads).map_err(cannot)?;
     if bytes.len() as u64 > max {
         return Err(over(bytes.len() as u64)); // it grew since the size was checked
     }
@@ -368,6 +363,55 @@ fn read_and_hash(
         ));
     };
     Ok((sha256, reads.freeze(bytes), mime))
+}
+
+/// Opens `path` and returns its metadata from the open file (one `fstat`, no second lookup by
+/// path, and nothing can be swapped in between the check and the read). Opened non-blocking, so
+/// that a FIFO named like an image is refused as "not a regular file" instead of blocking the
+/// open until a writer comes; reads of a regular file ignore the flag.
+fn open_image(path: &std::path::Path) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    #[cfg(not(unix))]
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let file = options.open(path)?;
+    let meta = file.metadata()?;
+    Ok((file, meta))
+}
+
+/// Reads all of `file` (of `len` bytes by its metadata) into a buffer of `reads`: one read of
+/// `len` bytes into the buffer's last contents (so only growth past them is zero-filled), then
+/// one that finds the end, or what the file grew by since, up to `max + 1` bytes in all. (A plain
+/// `read_to_end` starts at 8 KiB and doubles: seven reads for a 264 KB photograph.)
+fn read_whole(
+    file: &std::fs::File,
+    len: u64,
+    max: u64,
+    reads: &vlm_core::support::BufferPool,
+) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let len = usize::try_from(len).map_err(std::io::Error::other)?;
+    let mut bytes = reads.take(len);
+    bytes.resize(len, 0);
+    let mut filled = 0;
+    while filled < len {
+        match (&mut &*file).read(&mut bytes[filled..]) {
+            Ok(0) => break, // it shrank since
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    bytes.truncate(filled);
+    if filled == len {
+        let room = (max + 1).saturating_sub(len as u64);
+        std::io::Read::take(file, room).read_to_end(&mut bytes)?;
+    }
+    Ok(bytes)
 }
 
 /// The largest `--prompt-file` read: 1 MiB. A prompt is text; anything larger is a mistake
@@ -1125,6 +1169,40 @@ mod tests {
         async fn infer_single(&self, _: &VlmRequest) -> Result<vlm_core::VlmResponse, VlmError> {
             Err(VlmError::config("unused"))
         }
+    }
+
+    #[test]
+    fn a_file_is_read_whole_whatever_its_size_did_since_it_was_looked_at() {
+        let dir = std::env::temp_dir().join(format!("vlm-cli-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.jpg");
+        let content: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        let reads = Arc::new(vlm_core::support::BufferPool::default());
+        // Each buffer goes back to the pool, still holding its bytes, as after a request.
+        let read = |len: u64, max: u64| {
+            let (file, meta) = open_image(&path).unwrap();
+            assert_eq!(meta.len(), 100_000);
+            let bytes = read_whole(&file, len, max, &reads).unwrap();
+            let copy = bytes.clone();
+            drop(reads.freeze(bytes));
+            copy
+        };
+        // As looked at; grown since (the rest is read); shrunk since (what is there).
+        assert_eq!(read(100_000, 1 << 20), content);
+        assert_eq!(read(10, 1 << 20), content);
+        assert_eq!(read(150_000, 1 << 20), content);
+        // Grown past the limit: one byte over is read, so the caller can tell.
+        assert_eq!(read(10, 50_000).len(), 50_001);
+        // The buffer reused, holding a longer file's bytes: only this file's come back.
+        let small = dir.join("b.jpg");
+        std::fs::write(&small, b"\xFF\xD8small").unwrap();
+        let (file, meta) = open_image(&small).unwrap();
+        assert_eq!(
+            read_whole(&file, meta.len(), 1 << 20, &reads).unwrap(),
+            b"\xFF\xD8small"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

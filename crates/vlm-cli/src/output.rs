@@ -253,6 +253,9 @@ impl Previous {
                     .filter_map(|(key, _)| Some((identity(key)?, key.clone())))
                     .collect()
             });
+            if known.is_empty() {
+                return None; // nothing to match: spare the stat (every image asks this)
+            }
             known.get(&identity(path)?)
         }
         #[cfg(not(unix))]

@@ -107,6 +107,11 @@ async fn every_kind_of_bad_input_becomes_an_error_record_and_the_run_completes()
     std::os::unix::fs::symlink(img.join("nowhere.png"), img.join("dangling.png")).unwrap();
     let bad_name = std::ffi::OsStr::from_bytes(b"caf\xe9.jpg");
     std::fs::copy(img.join("sepia_portrait.jpg"), img.join(bad_name)).unwrap();
+    // A FIFO named like an image: refused without waiting for a writer.
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(img.join("pipe.jpg"))
+        .status();
+    assert!(fifo.unwrap().success());
     let mut cmd = vlm(&dir);
     cmd.args([
         "narrate",
@@ -135,6 +140,10 @@ async fn every_kind_of_bad_input_becomes_an_error_record_and_the_run_completes()
             "image images/text.jpg: not a PNG, JPEG, WebP or GIF image: found text, not an image",
         ),
         ("/dev/null", "not a regular file"),
+        (
+            "images/pipe.jpg",
+            "image images/pipe.jpg: not a regular file",
+        ),
         ("images/dangling.png", "cannot read it"),
         ("images/missing.webp", "cannot read it"),
         (
@@ -162,7 +171,7 @@ async fn every_kind_of_bad_input_becomes_an_error_record_and_the_run_completes()
     ] {
         assert!(by_path[ok]["error"].is_null(), "{ok}");
     }
-    assert_eq!(recs.len(), 11);
+    assert_eq!(recs.len(), 12);
 }
 
 #[cfg(feature = "lmdeploy")]
