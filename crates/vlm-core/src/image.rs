@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use base64::Engine as _;
 use base64::engine::Simd;
 use base64::engine::general_purpose::PAD;
 use bytes::Bytes;
@@ -87,11 +86,7 @@ pub(crate) fn engine() -> &'static Simd {
 /// assert_eq!(encode_data_url(b"GIF89a", ImageMime::Gif), "data:image/gif;base64,R0lGODlh");
 /// ```
 pub fn encode_data_url(data: &[u8], mime: ImageMime) -> String {
-    let prefix = format!("data:{};base64,", mime.as_str());
-    let mut out = String::with_capacity(prefix.len() + data.len().div_ceil(3) * 4);
-    out.push_str(&prefix);
-    engine().encode_string(data, &mut out);
-    out
+    crate::encode::with_prefix(&format!("data:{};base64,", mime.as_str()), data)
 }
 
 /// Describes what the first bytes of a non-image look like, for error messages.

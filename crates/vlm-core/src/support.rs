@@ -6,6 +6,7 @@
 
 pub use crate::backend::edit_distance;
 pub use crate::buffers::BufferPool;
+pub use crate::encode::encode_base64;
 pub use crate::error_body::{DecodedError, decode_error_body, json_string_field};
 pub use crate::health::{err_note, state_for_error};
 pub use crate::models::{ExactNames, ModelNames, ModelSlot, resolve_model};

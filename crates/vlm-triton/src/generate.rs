@@ -6,7 +6,6 @@
 //! client sends a setting only as an input the model lists, and refuses what the model cannot
 //! take rather than dropping it.
 
-use base64::Engine as _;
 use serde_json::{Map, Value, json};
 use vlm_core::text::{MAX_MESSAGE_BYTES, ServerText};
 use vlm_core::{LoadedImage, ResponseFormat, StreamEvent, Usage, VlmBackend, VlmError, VlmRequest};
@@ -32,10 +31,7 @@ pub(crate) fn text_input(request: &VlmRequest, template: Option<&str>) -> String
 /// The base64 of an image, and whether it came as an http(s) URL to pass through.
 fn image_payload(image: &LoadedImage) -> Result<(String, bool), String> {
     match image {
-        LoadedImage::Inline { data, .. } => Ok((
-            base64::engine::general_purpose::STANDARD.encode(data),
-            false,
-        )),
+        LoadedImage::Inline { data, .. } => Ok((vlm_core::support::encode_base64(data), false)),
         LoadedImage::Url(url) => match url.split_once(";base64,") {
             Some((head, b64)) if head.starts_with("data:") => Ok((b64.to_owned(), false)),
             _ if url.starts_with("http://") || url.starts_with("https://") => {

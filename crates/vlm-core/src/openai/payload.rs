@@ -1,9 +1,7 @@
 //! The one chat-completions payload builder.
 
-use base64::Engine as _;
-
 use crate::error::VlmError;
-use crate::image::{LoadedImage, engine};
+use crate::image::LoadedImage;
 use crate::request::VlmRequest;
 
 /// Options of the payload that depend on the backend, not the request.
@@ -181,8 +179,7 @@ impl Overwrite<'_> {
             // Only the bytes no earlier body left are zero-filled.
             self.buf.resize(end, 0);
         }
-        engine()
-            .encode_slice(data, &mut self.buf[self.at..end])
+        crate::encode::encode_slice(data, &mut self.buf[self.at..end])
             .map_err(|e| VlmError::image("<request>", format!("base64 encoding failed: {e}")))?;
         self.at = end;
         Ok(())
