@@ -368,12 +368,16 @@ fn read_and_hash(
 /// Opens `path` and returns its metadata from the open file (one `fstat`, no second lookup by
 /// path, and nothing can be swapped in between the check and the read). Opened non-blocking, so
 /// that a FIFO named like an image is refused as "not a regular file" instead of blocking the
-/// open until a writer comes; reads of a regular file ignore the flag.
+/// open until a writer comes (reads of a regular file ignore the flag), and without taking a
+/// terminal as the controlling one.
 fn open_image(path: &std::path::Path) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        libc::O_NONBLOCK | libc::O_NOCTTY,
+    );
     #[cfg(not(unix))]
     if !std::fs::metadata(path)?.is_file() {
         return Err(std::io::Error::other("not a regular file"));
