@@ -327,7 +327,7 @@ fn read_and_hash(
         ));
     }
     let cannot = |e: std::io::Error| (None, format!("image {shown}: cannot read it: {e}"));
-    let (file, meta) = open_image(path).map_err(cannot)?;
+    let (file, meta) = open_without_waiting(path).map_err(cannot)?;
     if !meta.is_file() {
         return Err((None, format!("image {shown}: not a regular file")));
     }
@@ -365,12 +365,14 @@ fn read_and_hash(
     Ok((sha256, reads.freeze(bytes), mime))
 }
 
-/// Opens `path` and returns its metadata from the open file (one `fstat`, no second lookup by
-/// path, and nothing can be swapped in between the check and the read). Opened non-blocking, so
-/// that a FIFO named like an image is refused as "not a regular file" instead of blocking the
-/// open until a writer comes (reads of a regular file ignore the flag), and without taking a
-/// terminal as the controlling one.
-fn open_image(path: &std::path::Path) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
+/// Opens `path` (an image, `--prompt-file`, `--json-schema`) and returns its metadata from the
+/// open file (one `fstat`, no second lookup by path, and nothing can be swapped in between the
+/// check and the read). Opened non-blocking, so that a FIFO given as a file is refused as "not a
+/// regular file" by its caller instead of blocking the open until a writer comes (reads of a
+/// regular file ignore the flag), and without taking a terminal as the controlling one.
+fn open_without_waiting(
+    path: &std::path::Path,
+) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
     #[cfg(unix)]
@@ -423,7 +425,7 @@ fn read_whole(
 pub const MAX_PROMPT_FILE_BYTES: u64 = 1024 * 1024;
 
 /// Reads `--prompt-file`: a regular file of at most [`MAX_PROMPT_FILE_BYTES`], UTF-8 text.
-/// Devices and FIFOs are refused before anything is read (a FIFO would block forever).
+/// Devices and FIFOs are refused before anything is read ([`open_without_waiting`]).
 fn read_prompt_file(file: &std::path::Path) -> Result<String, Failure> {
     use std::io::Read as _;
     let shown = file.display();
@@ -443,7 +445,8 @@ fn read_prompt_file(file: &std::path::Path) -> Result<String, Failure> {
         }
         return String::from_utf8(bytes).map_err(|_| fail("not UTF-8 text".to_owned()));
     }
-    let meta = std::fs::metadata(file).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let (opened, meta) =
+        open_without_waiting(file).map_err(|e| fail(format!("cannot read it: {e}")))?;
     if !meta.is_file() {
         return Err(fail(
             "not a regular file (a folder, device or FIFO); give a text file".to_owned(),
@@ -458,8 +461,9 @@ fn read_prompt_file(file: &std::path::Path) -> Result<String, Failure> {
         return Err(too_big(meta.len()));
     }
     let mut bytes = Vec::new();
-    std::fs::File::open(file)
-        .and_then(|f| f.take(MAX_PROMPT_FILE_BYTES + 1).read_to_end(&mut bytes))
+    opened
+        .take(MAX_PROMPT_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
         .map_err(|e| fail(format!("cannot read it: {e}")))?;
     if bytes.len() as u64 > MAX_PROMPT_FILE_BYTES {
         return Err(too_big(bytes.len() as u64));
@@ -470,13 +474,16 @@ fn read_prompt_file(file: &std::path::Path) -> Result<String, Failure> {
 /// Reads `--json-schema`: a JSON object in a small regular file; its name is the file's stem.
 fn read_schema(file: &std::path::Path) -> Result<(String, serde_json::Value), Failure> {
     let fail = |why: String| Failure::usage(format!("--json-schema {}: {why}", file.display()));
-    let meta = std::fs::metadata(file).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let (mut opened, meta) =
+        open_without_waiting(file).map_err(|e| fail(format!("cannot read it: {e}")))?;
     if !meta.is_file() || meta.len() > MAX_PROMPT_FILE_BYTES {
         return Err(fail(
             "not a regular file of at most 1 MiB; give a JSON Schema file".to_owned(),
         ));
     }
-    let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut opened, &mut text)
+        .map_err(|e| fail(format!("cannot read it: {e}")))?;
     let schema: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| fail(format!("not JSON: {e}")))?;
     if !schema.is_object() {
@@ -1185,7 +1192,7 @@ mod tests {
         let reads = Arc::new(vlm_core::support::BufferPool::default());
         // Each buffer goes back to the pool, still holding its bytes, as after a request.
         let read = |len: u64, max: u64| {
-            let (file, meta) = open_image(&path).unwrap();
+            let (file, meta) = open_without_waiting(&path).unwrap();
             assert_eq!(meta.len(), 100_000);
             let bytes = read_whole(&file, len, max, &reads).unwrap();
             let copy = bytes.clone();
@@ -1201,7 +1208,7 @@ mod tests {
         // The buffer reused, holding a longer file's bytes: only this file's come back.
         let small = dir.join("b.jpg");
         std::fs::write(&small, b"\xFF\xD8small").unwrap();
-        let (file, meta) = open_image(&small).unwrap();
+        let (file, meta) = open_without_waiting(&small).unwrap();
         assert_eq!(
             read_whole(&file, meta.len(), 1 << 20, &reads).unwrap(),
             b"\xFF\xD8small"
